@@ -1,0 +1,127 @@
+"""Batched sampling with a KV cache that records the logprob of every sampled token.
+
+Why our own loop instead of `generate()`: a batch mixes requests with different temperature, top-p, top-k,
+seed and stop conditions, and the trajectory needs the logprob of each token under the exact distribution it
+was drawn from (`sampled`) as well as under the model's own (`raw`). Both come out of the same step here.
+
+Per step and row: logits -> / temperature -> top-k cut -> top-p cut -> log_softmax -> draw with the row's own
+`torch.Generator` (so a `seed` reproduces a completion whatever else shares the batch). Temperature 0 is
+greedy: the sampled distribution is a point mass, so its logprob is 0 and callers record `raw` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from model_runtime.logprobs import left_pad
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    """Decoding parameters of one row. `top_k == 0` disables top-k; `temperature == 0` is greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass
+class SampleResult:
+    completion_ids: list[int] = field(default_factory=list)
+    sampled_logprobs: list[float] = field(default_factory=list)
+    raw_logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = "length"
+
+
+def process_logits(logits_V: torch.Tensor, p: DecodeParams) -> torch.Tensor:
+    """Logprobs of the distribution actually sampled from (temperature, then top-k, then top-p)."""
+    scaled = logits_V.float() / p.temperature
+    if p.top_k and p.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, p.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+        remove_sorted = probs.cumsum(-1) - probs > p.top_p
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        scaled = scaled.masked_fill(remove, float("-inf"))
+    return torch.log_softmax(scaled, dim=-1)
+
+
+StopCheck = Callable[[int, list[int]], bool]
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    params: Sequence[DecodeParams],
+    *,
+    eos_ids: set[int],
+    pad_id: int,
+    stop_check: StopCheck | None = None,
+) -> list[SampleResult]:
+    """Sample one completion per prompt. `stop_check(row, ids_so_far)` may end a row early (stop strings)."""
+    device = next(model.parameters()).device
+    B = len(prompts)
+    batch = left_pad(prompts, pad_id, device)
+    gens = []
+    for p in params:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        gens.append(g)
+    results = [SampleResult() for _ in range(B)]
+    done = [False] * B
+    max_new = max(p.max_tokens for p in params)
+    cache = DynamicCache()
+    input_ids = batch.input_ids_BL
+    attention_mask = batch.attention_mask_BL
+    position_ids = batch.position_ids_BL
+    for _ in range(max_new):
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = out.cache
+        logits_BV = out.logits[:, -1, :].float().cpu()
+        raw_logp_BV = torch.log_softmax(logits_BV, dim=-1)
+        next_ids = torch.full((B,), pad_id, dtype=torch.long)
+        for b in range(B):
+            if done[b]:
+                continue
+            p = params[b]
+            if p.temperature == 0:
+                tok = int(torch.argmax(logits_BV[b]))
+                sampled_lp = 0.0
+            else:
+                logp_V = process_logits(logits_BV[b], p)
+                tok = int(torch.multinomial(logp_V.exp(), 1, generator=gens[b]))
+                sampled_lp = float(logp_V[tok])
+            r = results[b]
+            r.completion_ids.append(tok)
+            r.sampled_logprobs.append(sampled_lp)
+            r.raw_logprobs.append(float(raw_logp_BV[b, tok]))
+            next_ids[b] = tok
+            if tok in eos_ids:
+                r.finish_reason, done[b] = "stop", True
+            elif stop_check is not None and stop_check(b, r.completion_ids):
+                r.finish_reason, done[b] = "stop", True
+            elif len(r.completion_ids) >= p.max_tokens:
+                r.finish_reason, done[b] = "length", True
+        if all(done):
+            break
+        input_ids = next_ids.unsqueeze(-1).to(device)
+        attention_mask = torch.cat([attention_mask, torch.ones((B, 1), dtype=attention_mask.dtype, device=device)], 1)
+        position_ids = position_ids[:, -1:] + 1
+    return results

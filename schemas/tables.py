@@ -1,0 +1,103 @@
+"""SQL tables of the feature store (SQLAlchemy 2). Alembic migrations in `schemas/migrations` create them.
+
+- `trajectories`: one row per logged choice, natural key `trajectory_id`; token arrays stored as packed
+  little-endian bytes (`schemas.arrays`) with their lengths beside them, checked on read and write.
+- `teacher_scores`: one row per (trajectory, teacher): the teacher's logprob of every completion token, and
+  optionally its top-k (ids, logprobs) per completion position.
+- `adapter_versions`: every registered candidate, with its data window and gate outcome (the registry of record
+  is MLflow; this table lets SQL join trajectories to the policy that produced them).
+- `training_manifests`: the trajectory ids one nightly run trained on, keyed by its data interval, so a rerun of
+  the same night trains on exactly the same set.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class TrajectoryRow(Base):
+    __tablename__ = "trajectories"
+
+    trajectory_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128))
+    choice_index: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    caller_hash: Mapped[str | None] = mapped_column(String(64))
+    base_model_id: Mapped[str] = mapped_column(String(200))
+    adapter_version: Mapped[str | None] = mapped_column(String(64), index=True)
+    temperature: Mapped[float] = mapped_column(Float)
+    top_p: Mapped[float] = mapped_column(Float)
+    top_k: Mapped[int] = mapped_column(Integer)
+    max_tokens: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int | None] = mapped_column(Integer)
+    logprob_kind: Mapped[str] = mapped_column(String(16))
+    finish_reason: Mapped[str] = mapped_column(String(16))
+    n_prompt_tokens: Mapped[int] = mapped_column(Integer)
+    n_completion_tokens: Mapped[int] = mapped_column(Integer)
+    prompt_token_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    completion_token_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    behaviour_logprobs: Mapped[bytes] = mapped_column(LargeBinary)
+    prompt_text: Mapped[str | None] = mapped_column(Text)
+    completion_text: Mapped[str | None] = mapped_column(Text)
+    schema_version: Mapped[int] = mapped_column(Integer)
+
+
+class TeacherScoreRow(Base):
+    __tablename__ = "teacher_scores"
+
+    trajectory_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("trajectories.trajectory_id", ondelete="CASCADE"), primary_key=True
+    )
+    teacher_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    scored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    n_tokens: Mapped[int] = mapped_column(Integer)
+    teacher_logprobs: Mapped[bytes] = mapped_column(LargeBinary)
+    topk: Mapped[int] = mapped_column(Integer, default=0)
+    topk_token_ids: Mapped[bytes | None] = mapped_column(LargeBinary)
+    topk_logprobs: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+
+class AdapterVersionRow(Base):
+    __tablename__ = "adapter_versions"
+
+    model_name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(64))
+    source_uri: Mapped[str] = mapped_column(Text)
+    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    window_end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    trajectory_count: Mapped[int] = mapped_column(Integer)
+    gate_passed: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class TrainingManifestRow(Base):
+    __tablename__ = "training_manifests"
+
+    interval_key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    window_end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    teacher_id: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    n_train: Mapped[int] = mapped_column(Integer)
+    n_heldout: Mapped[int] = mapped_column(Integer)
+    # JSON lists of trajectory ids; the training set is frozen here the first time the night runs.
+    train_ids_json: Mapped[str] = mapped_column(Text)
+    heldout_ids_json: Mapped[str] = mapped_column(Text)
