@@ -38,6 +38,10 @@ class SampleResult:
     raw_logprobs: list[float] = field(default_factory=list)
     finish_reason: str = "length"
 
+    def behaviour(self, temperature: float) -> tuple[str, list[float]]:
+        """(`logprob_kind`, logprobs) to log in a trajectory: `sampled` unless greedy, where it is `raw`."""
+        return ("raw", self.raw_logprobs) if temperature == 0 else ("sampled", self.sampled_logprobs)
+
 
 def process_logits(logits_V: torch.Tensor, p: DecodeParams) -> torch.Tensor:
     """Logprobs of the distribution actually sampled from (temperature, then top-k, then top-p)."""
@@ -56,6 +60,7 @@ def process_logits(logits_V: torch.Tensor, p: DecodeParams) -> torch.Tensor:
 
 
 StopCheck = Callable[[int, list[int]], bool]
+OnToken = Callable[[int, int, float], None]
 
 
 @torch.no_grad()
@@ -67,8 +72,13 @@ def sample(
     eos_ids: set[int],
     pad_id: int,
     stop_check: StopCheck | None = None,
+    on_token: OnToken | None = None,
 ) -> list[SampleResult]:
-    """Sample one completion per prompt. `stop_check(row, ids_so_far)` may end a row early (stop strings)."""
+    """Sample one completion per prompt.
+
+    `stop_check(row, ids_so_far)` may end a row early (stop strings); `on_token(row, token_id, logprob)` is
+    called for every sampled token as soon as it exists (streaming), with the logprob that is logged.
+    """
     device = next(model.parameters()).device
     B = len(prompts)
     batch = left_pad(prompts, pad_id, device)
@@ -113,6 +123,8 @@ def sample(
             r.sampled_logprobs.append(sampled_lp)
             r.raw_logprobs.append(float(raw_logp_BV[b, tok]))
             next_ids[b] = tok
+            if on_token is not None:
+                on_token(b, tok, r.behaviour(p.temperature)[1][-1])
             if tok in eos_ids:
                 r.finish_reason, done[b] = "stop", True
             elif stop_check is not None and stop_check(b, r.completion_ids):
