@@ -48,19 +48,24 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_config(vocab_size: int, n_layers: int = 4) -> LlamaConfig:
+def tiny_config(vocab_size: int, n_layers: int = 4, init_std: float = 0.02) -> LlamaConfig:
     return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       tie_word_embeddings=True)
+                       tie_word_embeddings=True, initializer_range=init_std)
 
 
-def build_tiny_pair(out: Path, seed: int = 0, n_layers: int = 4, drop: tuple[int, ...] = (2,)) -> tuple[Path, Path]:
-    """Write `out/teacher` and `out/student` (teacher minus `drop`); returns both folders."""
+def build_tiny_pair(out: Path, seed: int = 0, n_layers: int = 4, drop: tuple[int, ...] = (2,),
+                    init_std: float = 0.2) -> tuple[Path, Path]:
+    """Write `out/teacher` and `out/student` (teacher minus `drop`); returns both folders.
+
+    `init_std` 0.2 (not HF's 0.02) makes the random teacher's next-token distributions peaked, so the
+    student with a layer removed is measurably far from it and distillation has something to close.
+    """
     out = Path(out)
     teacher_dir, student_dir = out / "teacher", out / "student"
     tok = build_tokenizer()
     torch.manual_seed(seed)
-    teacher = LlamaForCausalLM(tiny_config(len(tok), n_layers))
+    teacher = LlamaForCausalLM(tiny_config(len(tok), n_layers, init_std))
     teacher.generation_config.eos_token_id = tok.eos_token_id
     teacher.generation_config.pad_token_id = tok.pad_token_id
     for folder in (teacher_dir, student_dir):

@@ -110,3 +110,26 @@ def test_full_reverse_kl_is_zero_for_identical_distributions_and_respects_teache
     mask = torch.ones(1, 4, dtype=torch.bool)
     assert full_reverse_kl(logits, logits, mask).item() == pytest.approx(0.0, abs=1e-6)
     assert full_reverse_kl(logits / 2, logits, mask, teacher_temperature=2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_expected_is_gradient_equals_the_reverse_kl_gradient():
+    """E_{y~p}[grad of the rule-1 loss] = grad KL(p || q): the estimator is unbiased at every state."""
+    torch.manual_seed(0)
+    V = 6
+    theta = torch.randn(V, requires_grad=True)
+    teacher_lp = torch.log_softmax(torch.randn(V), -1)
+    student_lp = torch.log_softmax(theta, -1)
+    p = student_lp.exp().detach()
+    expected_loss = torch.zeros(())
+    for y in range(V):  # enumerate every possible sampled token, weighted by its probability
+        new = student_lp[y].view(1, 1)
+        behaviour = new.detach()
+        adv = reverse_kl_advantage(teacher_lp[y].view(1, 1), behaviour, torch.ones(1, 1, dtype=torch.bool))
+        loss, _ = importance_sampling_loss(new, behaviour, adv, torch.ones(1, 1, dtype=torch.bool), mode="none")
+        expected_loss = expected_loss + p[y] * loss
+    (grad_is,) = torch.autograd.grad(expected_loss, theta, retain_graph=True)
+    kl = (student_lp.exp() * (student_lp - teacher_lp)).sum()
+    (grad_kl,) = torch.autograd.grad(kl, theta)
+    assert torch.allclose(grad_is, grad_kl, atol=1e-6)
+    sign_flipped = -grad_kl
+    assert not torch.allclose(grad_is, sign_flipped, atol=1e-3)

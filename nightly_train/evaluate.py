@@ -1,0 +1,112 @@
+"""The distillation quality meter: held-out reverse KL on the student's own samples, with its guards beside it.
+
+Reverse KL to the teacher on fresh temperature-1 samples of the student, on prompts not used for training, is
+the number reported everywhere (gate, demo, benchmarks): per token, `log p_student(y_t) - log p_teacher(y_t)`
+with y ~ student, averaged over tokens. It can be gamed by repetitive text the teacher also predicts, so every
+report carries the forward KL (teacher's samples scored by the student), distinct-2 of the student's samples,
+and one greedy answer.
+
+    metrics = evaluate_distillation(student, teacher, tokenizer, heldout_prompt_ids, max_tokens=96, seed=0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from model_runtime.chat import user_prompt_ids
+from model_runtime.logprobs import completion_logprobs
+from model_runtime.models import eos_token_ids
+from model_runtime.sampling import DecodeParams, sample
+
+
+@dataclass
+class DistillMetrics:
+    reverse_kl: float
+    reverse_kl_se: float
+    forward_kl: float
+    forward_kl_se: float
+    distinct_2: float
+    n_tokens: int
+    greedy_answer: str
+
+    def as_metrics(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{k}": float(v) for k, v in asdict(self).items() if k != "greedy_answer"}
+
+
+def distinct_n(token_lists: Sequence[Sequence[int]], n: int = 2) -> float:
+    """Distinct n-grams / all n-grams over a set of completions (1.0 = no repetition, 0 = one n-gram)."""
+    grams = [tuple(toks[i:i + n]) for toks in token_lists for i in range(len(toks) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _mean_and_se(per_prompt: list[torch.Tensor]) -> tuple[float, float, int]:
+    """Token-weighted mean; standard error over prompts (tokens of one sample are not independent)."""
+    rows = [x for x in per_prompt if x.numel()]
+    if not rows:
+        return float("nan"), float("nan"), 0
+    n_tokens = sum(x.numel() for x in rows)
+    mean = float(torch.cat(rows).sum() / n_tokens)
+    prompt_means = torch.tensor([float(x.mean()) for x in rows])
+    se = float(prompt_means.std(unbiased=True) / math.sqrt(len(rows))) if len(rows) > 1 else float("nan")
+    return mean, se, n_tokens
+
+
+def _samples(model, prompts, pad_id, eos, max_tokens, seed, temperature=1.0) -> list[list[int]]:
+    params = [DecodeParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i) for i in range(len(prompts))]
+    return [r.completion_ids for r in sample(model, prompts, params, eos_ids=eos, pad_id=pad_id)]
+
+
+def kl_on_samples(sampler, other, prompts: list[list[int]], pad_id: int, eos: set[int], *, max_tokens: int,
+                  seed: int, batch_size: int = 8) -> tuple[float, float, int, list[list[int]]]:
+    """Monte-Carlo KL(sampler || other) per token on the sampler's own temperature-1 samples."""
+    per_prompt, completions = [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        comps = _samples(sampler, chunk, pad_id, eos, max_tokens, seed + start)
+        keep = [i for i, c in enumerate(comps) if c]
+        completions.extend(comps)
+        if not keep:
+            continue
+        ps, cs = [chunk[i] for i in keep], [comps[i] for i in keep]
+        lp_self = completion_logprobs(sampler, ps, cs, pad_id)
+        lp_other = completion_logprobs(other, ps, cs, pad_id)
+        per_prompt.extend(a.logprobs_C - b.logprobs_C for a, b in zip(lp_self, lp_other))
+    mean, se, n = _mean_and_se(per_prompt)
+    return mean, se, n, completions
+
+
+@torch.no_grad()
+def evaluate_distillation(student, teacher, tokenizer, prompts: list[list[int]], *, max_tokens: int = 96,
+                          seed: int = 0, greedy_prompt: str | None = None) -> DistillMetrics:
+    was_training = student.training
+    student.eval()
+    pad_id, eos = tokenizer.pad_token_id, eos_token_ids(tokenizer, student)
+    rkl, rkl_se, n_tokens, own = kl_on_samples(student, teacher, prompts, pad_id, eos, max_tokens=max_tokens, seed=seed)
+    fkl, fkl_se, _, _ = kl_on_samples(teacher, student, prompts, pad_id, eos, max_tokens=max_tokens, seed=seed + 10_000)
+    greedy = ""
+    if greedy_prompt is not None:
+        greedy = greedy_generate_fn(student, tokenizer, max_tokens)([greedy_prompt])[0]
+    student.train(was_training)
+    return DistillMetrics(rkl, rkl_se, fkl, fkl_se, distinct_n(own, 2), n_tokens, greedy)
+
+
+def greedy_generate_fn(model, tokenizer, max_tokens: int, batch_size: int = 8) -> Callable[[list[str]], list[str]]:
+    """A `generate_fn` for IFEval and demos: chat-templated user prompts, greedy, batched."""
+    eos = eos_token_ids(tokenizer, model)
+
+    def generate(texts: list[str]) -> list[str]:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            chunk = [user_prompt_ids(tokenizer, t) for t in texts[start:start + batch_size]]
+            params = [DecodeParams(max_tokens=max_tokens, temperature=0.0)] * len(chunk)
+            with torch.no_grad():
+                results = sample(model, chunk, params, eos_ids=eos, pad_id=tokenizer.pad_token_id)
+            out.extend(tokenizer.decode([t for t in r.completion_ids if t not in eos], skip_special_tokens=True)
+                       for r in results)
+        return out
+
+    return generate

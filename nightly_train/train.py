@@ -1,0 +1,261 @@
+"""The on-policy distillation loop: LoRA on the student, trained on its own logged tokens scored by the teacher.
+
+Each optimizer step sums, over `grad_accum` micro-batches, the losses of up to four sources (token-weighted):
+  logged rule-1 rows   -> importance-sampled reverse-KL advantage (Tinker's on-policy distillation)
+  logged rule-2 rows   -> analytic reverse KL (or generalized JSD) over the teacher's stored top-k
+  fresh rollouts       -> rule 1 exactly on-policy: sampled now from the adapter at temperature 1, scored by
+                          the in-process teacher (so r_t starts at 1)
+  GKD teacher samples  -> full-vocabulary reverse KL on teacher-generated states (cold start), mixed in with
+                          probability 1 - lambda(step)
+Checkpoints (adapter + optimizer, safetensors) every `checkpoint_every` steps; a killed run resumes from the
+last one and, because data order and rollouts are seeded by (seed, epoch, step), ends with the same adapter.
+
+    python -m nightly_train.pipeline run --config nightly.json     # or the Airflow DAG, which calls the same code
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from model_runtime.adapters import save_adapter
+from model_runtime.logprobs import completion_logits, completion_logprobs, token_logprobs
+from model_runtime.models import ModelMeta, eos_token_ids, load_model, load_tokenizer, pick_device
+from model_runtime.sampling import DecodeParams, sample
+from nightly_train.config import TrainConfig
+from nightly_train.data import Example, epoch_order, pad_right
+from nightly_train.losses import (
+    full_reverse_kl,
+    generalized_jsd,
+    importance_sampling_loss,
+    masked_mean,
+    reverse_kl_advantage,
+    topk_reverse_kl,
+)
+
+MetricsFn = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Distiller:
+    def __init__(self, cfg: TrainConfig, examples: list[Example], rollout_prompts: list[list[int]] | None = None):
+        self.cfg = cfg
+        self.examples = examples
+        self.rollout_prompts = rollout_prompts or [e.prompt_ids for e in examples]
+        self.device = pick_device(cfg.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.tok = load_tokenizer(cfg.student_dir)
+        self.pad_id = self.tok.pad_token_id
+        self.base_id = ModelMeta.read(cfg.student_dir).model_id
+        torch.manual_seed(cfg.seed)
+        base = load_model(cfg.student_dir, self.device, self.dtype)
+        self.eos = eos_token_ids(self.tok, base)
+        if cfg.init_adapter is not None:
+            self.model = PeftModel.from_pretrained(base, cfg.init_adapter, is_trainable=True)
+        else:
+            lora = cfg.lora
+            self.model = get_peft_model(base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+        self.teacher = load_model(cfg.teacher_dir, self.device, self.dtype) if cfg.teacher_dir else None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        per_step = cfg.batch_size * cfg.grad_accum
+        steps_per_epoch = max(math.ceil(len(examples) / per_step), 1) if examples else 0
+        self.total_steps = cfg.epochs * steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps) if examples else cfg.max_steps
+        self.steps_per_epoch = steps_per_epoch
+
+    # ---- data ---------------------------------------------------------------------------------------------
+    def micro_batch(self, step: int, micro: int) -> list[Example]:
+        if not self.examples:
+            return []
+        cfg = self.cfg
+        flat = step * cfg.grad_accum + micro
+        per_epoch = self.steps_per_epoch * cfg.grad_accum
+        epoch, index = divmod(flat, per_epoch)
+        order = epoch_order(len(self.examples), cfg.seed, epoch)
+        chosen = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
+        return [self.examples[i] for i in chosen]
+
+    # ---- losses per source (each returns (sum of per-token losses, tokens, metrics)) ------------------------
+    def logged_loss(self, batch: list[Example]) -> tuple[torch.Tensor, int, dict[str, float]]:
+        cl = completion_logits(self.model, [e.prompt_ids for e in batch], [e.completion_ids for e in batch], self.pad_id)
+        mask_BC = cl.mask_BC
+        width = mask_BC.shape[1]
+        rule1_B = torch.tensor([e.rule == "sampled_is" for e in batch], device=self.device)
+        total, metrics = torch.zeros((), device=self.device), {}
+        m1 = mask_BC & rule1_B[:, None]
+        if m1.any():
+            new_lp_BC = token_logprobs(cl.logits_BCV, cl.completion_ids_BC)
+            behaviour_BC = pad_right([e.behaviour_lp_C for e in batch], width).to(self.device)
+            teacher_BC = pad_right([e.teacher_lp_C for e in batch], width).to(self.device)
+            adv_BC = reverse_kl_advantage(teacher_BC, behaviour_BC, m1, self.cfg.kl_penalty_coef)
+            imp = self.cfg.importance
+            loss, st = importance_sampling_loss(new_lp_BC, behaviour_BC, adv_BC, m1, mode=imp.mode,
+                                                ratio_max=imp.ratio_max, clip_eps=imp.clip_eps)
+            total = total + loss * m1.sum()
+            metrics.update({"advantage_mean": st.advantage_mean, "ratio_mean": st.ratio_mean,
+                            "ratio_max": st.ratio_max, "clipped_fraction": st.clipped_fraction,
+                            "sampled_reverse_kl": float(masked_mean(new_lp_BC.detach() - teacher_BC, m1))})
+        m2 = mask_BC & ~rule1_B[:, None]
+        if m2.any():
+            rows = [b for b, e in enumerate(batch) if e.rule == "topk_analytic"]
+            ids_BCK = pad_right([batch[b].topk_ids_CK for b in rows], width).long().to(self.device)
+            lp_BCK = pad_right([batch[b].topk_lp_CK for b in rows], width, fill=-1e4).to(self.device)
+            logits = cl.logits_BCV[rows]
+            if self.cfg.loss == "topk_jsd":
+                loss = generalized_jsd(logits, ids_BCK, lp_BCK, m2[rows], self.cfg.jsd_beta)
+            else:
+                loss = topk_reverse_kl(logits, ids_BCK, lp_BCK, m2[rows])
+            total = total + loss * m2.sum()
+            metrics["topk_loss"] = loss.item()
+        return total, int(mask_BC.sum()), metrics
+
+    def _pick_prompts(self, step: int, micro: int, n: int, salt: int) -> tuple[list[list[int]], int]:
+        g = torch.Generator().manual_seed((self.cfg.seed * 7919 + step * 104_729 + micro * 131 + salt) % 2**62)
+        idx = torch.randint(len(self.rollout_prompts), (n,), generator=g).tolist()
+        return [self.rollout_prompts[i] for i in idx], int(torch.randint(0, 2**31, (1,), generator=g))
+
+    @torch.no_grad()
+    def _generate(self, model, prompts, max_tokens, seed) -> list[list[int]]:
+        params = [DecodeParams(max_tokens=max_tokens, temperature=1.0, seed=seed + i) for i in range(len(prompts))]
+        was_training = model.training
+        model.eval()
+        out = sample(model, prompts, params, eos_ids=self.eos, pad_id=self.pad_id)
+        model.train(was_training)
+        return [r.completion_ids for r in out]
+
+    def rollout_loss(self, step: int, micro: int) -> tuple[torch.Tensor, int, dict[str, float]]:
+        cfg = self.cfg.rollouts
+        prompts, seed = self._pick_prompts(step, micro, cfg.per_step, salt=1)
+        completions = self._generate(self.model, prompts, cfg.max_tokens, seed)
+        keep = [i for i, c in enumerate(completions) if c]
+        if not keep:
+            return torch.zeros((), device=self.device), 0, {}
+        prompts, completions = [prompts[i] for i in keep], [completions[i] for i in keep]
+        teacher = completion_logprobs(self.teacher, prompts, completions, self.pad_id,
+                                      temperature=self.cfg.teacher_temperature)
+        cl = completion_logits(self.model, prompts, completions, self.pad_id)
+        new_lp_BC = token_logprobs(cl.logits_BCV, cl.completion_ids_BC)
+        width = cl.mask_BC.shape[1]
+        teacher_BC = pad_right([t.logprobs_C.numpy() for t in teacher], width).to(self.device)
+        behaviour_BC = new_lp_BC.detach()  # sampled by this very policy: exactly on-policy
+        adv_BC = reverse_kl_advantage(teacher_BC, behaviour_BC, cl.mask_BC, self.cfg.kl_penalty_coef)
+        loss, _ = importance_sampling_loss(new_lp_BC, behaviour_BC, adv_BC, cl.mask_BC, mode="none")
+        n = int(cl.mask_BC.sum())
+        return loss * n, n, {"rollout_reverse_kl": float(masked_mean(behaviour_BC - teacher_BC, cl.mask_BC))}
+
+    def gkd_loss(self, step: int, micro: int) -> tuple[torch.Tensor, int, dict[str, float]]:
+        cfg = self.cfg.gkd
+        frac = step / max(self.total_steps - 1, 1)
+        lam = cfg.lambda_start + (cfg.lambda_end - cfg.lambda_start) * frac
+        prompts, seed = self._pick_prompts(step, micro, cfg.per_step, salt=2)
+        g = torch.Generator().manual_seed(seed)
+        on_policy = torch.rand(len(prompts), generator=g) < lam
+        completions = [None] * len(prompts)
+        for source, flag in ((self.model, True), (self.teacher, False)):
+            rows = [i for i in range(len(prompts)) if bool(on_policy[i]) == flag]
+            if rows:
+                for i, c in zip(rows, self._generate(source, [prompts[i] for i in rows], cfg.max_tokens, seed)):
+                    completions[i] = c
+        keep = [i for i, c in enumerate(completions) if c]
+        if not keep:
+            return torch.zeros((), device=self.device), 0, {"gkd_lambda": lam}
+        prompts, completions = [prompts[i] for i in keep], [completions[i] for i in keep]
+        cl = completion_logits(self.model, prompts, completions, self.pad_id)
+        with torch.no_grad():
+            t_logits = completion_logits(self.teacher, prompts, completions, self.pad_id).logits_BCV
+        loss = full_reverse_kl(cl.logits_BCV, t_logits, cl.mask_BC, self.cfg.teacher_temperature)
+        n = int(cl.mask_BC.sum())
+        return loss * n, n, {"gkd_lambda": lam, "gkd_reverse_kl": loss.item()}
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path:
+        ckpt = self.cfg.output_dir / "checkpoints" / f"step-{step:06d}"
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        save_adapter(self.model, tmp / "adapter", self.base_id)
+        state = self.opt.state_dict()
+        tensors = {f"{i}.{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()}
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": state["param_groups"]}))
+        tmp.rename(ckpt)  # a checkpoint exists only once it is complete
+        return ckpt
+
+    def resume(self) -> int:
+        root = self.cfg.output_dir / "checkpoints"
+        done = sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp")) if root.exists() else []
+        if not done:
+            return 0
+        last = done[-1]
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, load_file(last / "adapter" / "adapter_model.safetensors"))
+        meta = json.loads((last / "state.json").read_text())
+        flat = load_file(last / "optimizer.safetensors")
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in flat.items():
+            i, name = key.split(".", 1)
+            per_param.setdefault(int(i), {})[name] = value
+        self.opt.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
+        return int(meta["step"])
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def run(self, log_metrics: MetricsFn | None = None, progress: bool = True) -> TrainResult:
+        cfg = self.cfg
+        start = self.resume()
+        history = []
+        self.model.train()
+        bar = tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="distill",
+                   disable=not progress)
+        for step in bar:
+            t0 = time.perf_counter()
+            metrics: dict[str, float] = {}
+            tokens_total = 0
+            for micro in range(cfg.grad_accum):
+                parts = []
+                batch = self.micro_batch(step, micro)
+                if batch:
+                    parts.append(self.logged_loss(batch))
+                if cfg.rollouts.enabled:
+                    parts.append(self.rollout_loss(step, micro))
+                if cfg.gkd.enabled:
+                    parts.append(self.gkd_loss(step, micro))
+                n_tokens = sum(n for _, n, _ in parts)
+                if n_tokens == 0:
+                    continue
+                loss = sum(total for total, _, _ in parts) / n_tokens
+                (loss / cfg.grad_accum).backward()
+                tokens_total += n_tokens
+                metrics["loss"] = metrics.get("loss", 0.0) + loss.item() / cfg.grad_accum
+                for _, _, m in parts:
+                    metrics.update(m)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            metrics.update({"grad_norm": float(grad_norm), "tokens": float(tokens_total),
+                            "tokens_per_s": tokens_total / max(time.perf_counter() - t0, 1e-9)})
+            history.append({"step": step + 1, **metrics})
+            if log_metrics:
+                log_metrics(step + 1, metrics)
+            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < self.total_steps:
+                self.save_checkpoint(step + 1)
+        adapter_dir = save_adapter(self.model, cfg.output_dir / "adapter", self.base_id)
+        return TrainResult(adapter_dir=adapter_dir, steps=self.total_steps, history=history)
