@@ -1,0 +1,1 @@
+"""Nightly training: on-policy distillation of the LoRA adapter, its IFEval evaluator and promotion gate."""
