@@ -43,5 +43,9 @@ class GateError(ShadowDistillError):
     """A gate could not be evaluated (no held-out data, NaN metric)."""
 
 
+class SpoolFull(ShadowDistillError):
+    """The shadow log's local spool reached its size cap; records are counted as dropped, loudly."""
+
+
 class ModelNotFound(ShadowDistillError):
     """A model or tokenizer folder is missing; the message says which command creates it."""

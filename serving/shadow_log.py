@@ -1,0 +1,409 @@
+"""The shadow log: ships every served trajectory to Kafka without ever costing the request that produced it.
+
+    logger = ShadowLogger("127.0.0.1:9092", DEFAULT_TOPIC, Path("/var/lib/shadow-distill/spool"))
+    logger.submit(traj)        # request path: O(1), never waits for Kafka, never raises
+    logger.stats()             # plain ints for /metrics
+    logger.close(10.0)         # send what it can, spool the rest: nothing accepted is lost
+
+How a record travels:
+1. `submit` puts (key=trajectory_id, value=JSON) on a bounded in-memory queue. When the queue is full it
+   appends the record straight to the local spool (`serving.spool.Spool`, a buffered file write) instead:
+   durable, never dropped.
+2. A background thread owns a kafka-python `KafkaProducer` (acks=all, idempotent; settings from
+   `message_bus.topics.producer_config`). It is created lazily in that thread and re-created after any
+   failure, since construction fails while nothing listens and an idempotent producer does not survive a
+   broker that lost its state.
+3. A send that fails, or is not acknowledged within `send_timeout_s` (a frozen broker), moves every
+   unacknowledged record to the spool, in order, and drops the producer. While the spool holds records, new
+   records are appended behind them, so the topic sees them in submission order.
+4. Every `retry_min_s`..`retry_max_s` (exponential backoff) the thread reconnects and replays the spool
+   oldest-first in chunks; the spool cursor advances only over the records Kafka acknowledged. Once the spool
+   is empty, records go straight to Kafka again.
+
+Delivery is at-least-once. A record whose acknowledgement was lost (broker froze after writing it, crash
+between ack and cursor write) is sent again: consumers dedupe on `trajectory_id`, the message key.
+Ordering (per partition, as Kafka orders) is by submission, except that records spilled by a full queue may
+overtake records still queued: each trajectory is one message and consumers do not depend on cross-key order.
+The queue lives in memory: a process killed without `close()` loses what it held (at most `queue_max`
+records); the spool survives. One process owns a spool folder (an exclusive lock): one folder per worker.
+
+Opt-out is the caller's business: serving does not call `submit` for callers or requests that opted out of
+the shadow log, so nothing of theirs reaches this module.
+
+Records larger than `max_record_bytes` (Kafka would refuse them forever) are refused at `submit`, logged with
+their trajectory id and counted in `errors` and `dropped`; so is a record the spool cannot take (full disk cap).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from message_bus.topics import check_topic_name, producer_config
+from schemas.trajectory import TrajectoryV1
+from serving.spool import Spool
+from shadow_distill.errors import ConfigError, ShadowDistillError
+
+log = logging.getLogger(__name__)
+
+Record = tuple[bytes, bytes]
+_IDLE_WAIT_S = 0.05
+
+
+@dataclass(frozen=True)
+class ShadowLogConfig:
+    """Tuning of one `ShadowLogger`; every value is checked here, with the bad value in the message."""
+
+    queue_max: int = 10_000
+    batch_max: int = 500  # records taken from the queue, or replayed from the spool, per step
+    send_timeout_s: float = 5.0  # an unacknowledged send older than this means the broker is down or frozen
+    retry_min_s: float = 0.5
+    retry_max_s: float = 10.0
+    max_record_bytes: int = 1_000_000  # Kafka's default message.max.bytes is about 1 MB
+    spool_max_bytes: int = 1 << 30
+    spool_segment_bytes: int = 16 << 20
+    fsync: bool = False  # fsync each spool append (survives power loss, costs a disk flush per batch)
+    producer_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("queue_max", "batch_max", "max_record_bytes", "spool_max_bytes", "spool_segment_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("send_timeout_s", "retry_min_s", "retry_max_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+        if self.retry_max_s < self.retry_min_s:
+            raise ConfigError(f"retry_max_s={self.retry_max_s!r} is below retry_min_s={self.retry_min_s!r}")
+
+
+@dataclass
+class _InFlight:
+    key: bytes
+    value: bytes
+    future: Any  # kafka FutureRecordMetadata
+    sent_at: float
+
+
+class _Counters:
+    """Monotonic counters shared by request threads and the background thread."""
+
+    NAMES = ("accepted", "sent", "spooled", "replayed", "errors", "dropped")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(self.NAMES, 0)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._values[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+
+def _poison_errors() -> tuple[type[BaseException], ...]:
+    """Kafka errors that condemn the record itself: resending it can never succeed."""
+    from kafka.errors import CorruptRecordError, MessageSizeTooLargeError
+
+    return MessageSizeTooLargeError, CorruptRecordError
+
+
+def _abandon(producer: Any) -> None:
+    """Close a producer now, failing whatever it still holds (those records are already in the spool)."""
+    from kafka.errors import KafkaError
+
+    try:
+        try:
+            producer.close(timeout=0)
+        except KafkaError:
+            # kafka-python 3.0 flushes inside close() and raises before its own force-close while records are
+            # pending (a frozen broker), leaving its sender thread retrying them. Finish the force-close it skipped.
+            producer._sender.force_close()
+            producer._closed = True
+    except Exception:  # noqa: BLE001 - a broken client must not stop the shadow log
+        log.exception("closing a Kafka producer failed")
+
+
+class ShadowLogger:
+    """Bounded queue -> Kafka producer thread, with a durable spool for whatever Kafka cannot take now."""
+
+    def __init__(self, bootstrap: str, topic: str, spool_dir: Path, *, queue_max: int = 10_000, **tuning: Any):
+        """`tuning`: any other `ShadowLogConfig` field (send_timeout_s, spool_max_bytes, producer_overrides...)."""
+        try:
+            self.config = ShadowLogConfig(queue_max=queue_max, **tuning)
+        except TypeError as exc:
+            fields = sorted(ShadowLogConfig.__dataclass_fields__)
+            raise ConfigError(f"{exc}; ShadowLogger tuning fields are {fields}") from exc
+        check_topic_name(topic)
+        self.bootstrap, self.topic = bootstrap, topic
+        self._producer_kwargs = producer_config(bootstrap, **self.config.producer_overrides)  # checked now
+        self._poison = _poison_errors()
+        self._spool = Spool(Path(spool_dir), max_bytes=self.config.spool_max_bytes,
+                            segment_bytes=self.config.spool_segment_bytes, fsync=self.config.fsync)
+        self._queue: queue.Queue[Record] = queue.Queue(maxsize=self.config.queue_max)
+        self._counters = _Counters()
+        self._submit_lock = threading.Lock()  # orders submit() against close(): nothing slips in after the drain
+        self._closing = False
+        self._close_deadline = float("inf")
+        # owned by the background thread
+        self._producer: Any = None
+        self._inflight: list[_InFlight] = []
+        self._retry_at = 0.0
+        self._backoff_s = self.config.retry_min_s
+        self._thread = threading.Thread(target=self._run, name=f"shadow-log-{topic}", daemon=True)
+        self._thread.start()
+
+    # ---- request path --------------------------------------------------------------------------------------
+
+    def submit(self, traj: TrajectoryV1) -> None:
+        """Accept one trajectory for Kafka. O(1); never blocks on Kafka or the disk unless the queue is full."""
+        try:
+            record = (traj.key, traj.to_bytes())
+            if len(record[1]) > self.config.max_record_bytes:
+                self._refuse(traj.trajectory_id, f"{len(record[1])} bytes > max_record_bytes")
+                return
+            with self._submit_lock:  # held through a spill too, so close() cannot shut the spool under it
+                if self._closing:
+                    self._refuse(traj.trajectory_id, "submitted after close()")
+                    return
+                self._counters.add("accepted")
+                try:
+                    self._queue.put_nowait(record)
+                except queue.Full:
+                    self._to_spool([record])
+        except Exception:  # noqa: BLE001 - the request path must never see an error from logging
+            self._counters.add("errors")
+            log.exception("shadow log: submit failed")
+
+    def _refuse(self, trajectory_id: str, why: str) -> None:
+        self._counters.add("errors")
+        self._counters.add("dropped")
+        log.error("shadow log: trajectory %s not logged: %s", trajectory_id, why)
+
+    def stats(self) -> dict[str, int]:
+        """Plain ints: accepted, sent (acked by Kafka directly), spooled, replayed (acked from the spool),
+        spool_pending, spool_bytes, queue_depth, inflight, errors (failure events: connect/send failures, refused
+        records, internal errors), dropped (records lost: refused or not spoolable), kafka_connected (0/1)."""
+        counts = self._counters.snapshot()
+        counts.update(
+            spool_pending=self._spool.pending,
+            spool_bytes=self._spool.bytes_on_disk,
+            queue_depth=self._queue.qsize(),
+            inflight=len(self._inflight),
+            kafka_connected=int(self._producer is not None),
+        )
+        return counts
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Send what is queued within `timeout_s`, spool the rest, close the spool. Idempotent.
+
+        May take up to a few seconds longer than `timeout_s` when the background thread is inside a Kafka call
+        bounded by its own timeouts (`bootstrap_timeout_ms`, `max_block_ms`, `send_timeout_s` of a replay).
+        """
+        with self._submit_lock:
+            if self._closing:
+                return
+            self._close_deadline = time.monotonic() + max(0.0, timeout_s)
+            self._closing = True
+        kafka_s = (self._producer_kwargs["bootstrap_timeout_ms"] + self._producer_kwargs["max_block_ms"]) / 1000
+        slack_s = kafka_s + self.config.send_timeout_s
+        self._thread.join(timeout_s + slack_s + 1.0)
+        if self._thread.is_alive():
+            log.error("shadow log: background thread still busy after close(%.1f); spooling the queue here", timeout_s)
+            self._to_spool(self._take_all())
+        log.info("shadow log closed: %s", self.stats())
+
+    # ---- background thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._guarded(self._connect)
+        while not self._closing:
+            self._guarded(self._step)
+        try:
+            self._shutdown()
+        except Exception:  # noqa: BLE001 - last resort: park everything we hold
+            self._counters.add("errors")
+            log.exception("shadow log: shutdown failed; spooling what is left")
+            self._to_spool([(i.key, i.value) for i in self._inflight] + self._take_all())
+            self._inflight = []
+            self._spool.close()
+
+    def _guarded(self, step: Callable[[], object]) -> None:
+        """Run one step; an unexpected error parks the in-flight records in the spool and the loop goes on."""
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - the logging thread must outlive its own bugs
+            log.exception("shadow log: unexpected error in the background thread")
+            try:
+                self._degrade(f"internal error {exc!r}")
+            except Exception:  # noqa: BLE001
+                log.exception("shadow log: could not spool the in-flight records")
+
+    def _step(self) -> None:
+        replay_due = self._spool.pending and time.monotonic() >= self._retry_at
+        batch = self._take(0.0 if replay_due else _IDLE_WAIT_S)
+        if batch:
+            self._route(batch)
+        self._reap()
+        if self._spool.pending and time.monotonic() >= self._retry_at:
+            self._replay_chunk()
+
+    def _take(self, wait_s: float) -> list[Record]:
+        try:
+            batch = [self._queue.get(timeout=wait_s)]
+        except queue.Empty:
+            return []
+        while len(batch) < self.config.batch_max:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _take_all(self) -> list[Record]:
+        records = []
+        while True:
+            try:
+                records.append(self._queue.get_nowait())
+            except queue.Empty:
+                return records
+
+    def _route(self, batch: list[Record], may_connect: bool = True) -> None:
+        due = may_connect and time.monotonic() >= self._retry_at
+        if not self._spool.pending and self._producer is None and due:
+            self._connect()
+        if not self._spool.pending and self._producer is not None:
+            self._send_direct(batch)
+        else:
+            self._to_spool(batch)
+
+    def _connect(self) -> bool:
+        from kafka import KafkaProducer
+
+        try:
+            self._producer = KafkaProducer(**self._producer_kwargs)
+        except Exception as exc:  # noqa: BLE001 - NoBrokersAvailable, bootstrap timeout, connection refused...
+            self._producer = None
+            self._failed(f"cannot connect to Kafka at {self.bootstrap}: {exc}")
+            return False
+        log.info("shadow log: connected to Kafka at %s", self.bootstrap)
+        self._backoff_s = self.config.retry_min_s
+        return True
+
+    def _failed(self, reason: str) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            _abandon(producer)
+        self._counters.add("errors")
+        self._retry_at = time.monotonic() + self._backoff_s
+        log.warning("shadow log: %s; spooling, next try in %.1f s", reason, self._backoff_s)
+        self._backoff_s = min(2 * self._backoff_s, self.config.retry_max_s)
+
+    def _send_direct(self, batch: list[Record]) -> None:
+        for i, (key, value) in enumerate(batch):
+            try:
+                future = self._producer.send(self.topic, key=key, value=value)
+            except Exception as exc:  # noqa: BLE001 - metadata timeout (frozen broker), closed producer...
+                self._degrade(f"send failed: {exc}", extra=batch[i:])
+                return
+            self._inflight.append(_InFlight(key, value, future, time.monotonic()))
+
+    def _reap(self) -> None:
+        """Count acknowledged sends; on a failure or a stale send, move what is unacknowledged to the spool."""
+        if not self._inflight:
+            return
+        waiting, failure = [], None
+        for item in self._inflight:
+            future = item.future
+            if not future.is_done:
+                waiting.append(item)
+            elif future.exception is None:
+                self._counters.add("sent")
+            elif isinstance(future.exception, self._poison):
+                self._refuse(item.key.decode(errors="replace"), f"Kafka refuses it: {future.exception}")
+            else:
+                waiting.append(item)
+                failure = failure or f"send failed: {future.exception}"
+        self._inflight = waiting
+        if failure is None and waiting and time.monotonic() - waiting[0].sent_at > self.config.send_timeout_s:
+            failure = f"no acknowledgement within {self.config.send_timeout_s:.1f} s"
+        if failure is not None:
+            self._degrade(failure)
+
+    def _degrade(self, reason: str, extra: list[Record] | None = None) -> None:
+        unacked = [(i.key, i.value) for i in self._inflight] + (extra or [])
+        self._inflight = []
+        self._failed(reason)
+        self._to_spool(unacked)
+
+    def _to_spool(self, records: list[Record]) -> None:
+        if not records:
+            return
+        try:
+            self._spool.append(records)
+            self._counters.add("spooled", len(records))
+        except ShadowDistillError as exc:
+            self._counters.add("errors")
+            self._counters.add("dropped", len(records))
+            log.error("shadow log: %d trajectories lost: %s", len(records), exc)
+
+    def _replay_chunk(self) -> None:
+        """Send the oldest spooled records; advance the spool cursor over the acknowledged prefix."""
+        if self._producer is None and not self._connect():
+            return
+        records = list(self._spool.iter_pending(limit=self.config.batch_max))
+        futures = []
+        try:
+            for key, value in records:
+                futures.append(self._producer.send(self.topic, key=key, value=value))
+        except Exception as exc:  # noqa: BLE001
+            self._failed(f"replay send failed: {exc}")
+            return
+        done = self._acked_prefix(futures, time.monotonic() + self.config.send_timeout_s)
+        if done:
+            self._spool.ack(done)
+            self._counters.add("replayed", done)
+        if done < len(records):
+            failed = futures[done].exception if futures[done].is_done else "no acknowledgement in time"
+            self._failed(f"replay stopped after {done}/{len(records)} records: {failed}")
+
+    def _acked_prefix(self, futures: list[Any], wait_until: float) -> int:
+        """How many leading futures succeeded (poison records count as done: logged and dropped)."""
+        done = 0
+        for future in futures:
+            remaining = wait_until - time.monotonic()
+            try:
+                future.get(timeout=max(remaining, 0.0))
+            except Exception as exc:  # noqa: BLE001 - timeout or a send failure
+                if not isinstance(exc, self._poison):
+                    return done
+                self._counters.add("errors")
+                self._counters.add("dropped")
+                log.error("shadow log: a spooled trajectory is refused by Kafka and dropped: %s", exc)
+            done += 1
+        return done
+
+    def _shutdown(self) -> None:
+        """Drain the queue, wait for acknowledgements until the close deadline, spool what is left."""
+        while batch := self._take(0.0):
+            self._route(batch, may_connect=False)  # a close must not wait for a broker that is not there
+        while self._inflight and time.monotonic() < self._close_deadline:
+            self._reap()
+            time.sleep(0.005)
+        self._reap()
+        leftover = [(i.key, i.value) for i in self._inflight]
+        self._inflight = []
+        if self._producer is not None:
+            _abandon(self._producer)
+            self._producer = None
+        self._to_spool(leftover)
+        self._spool.close()
