@@ -203,7 +203,7 @@ class Spool:
                 raise ShadowDistillError(f"spool {self.directory} is closed")
             if self._bytes + size > self.max_bytes:
                 self.rejected += len(encoded)
-                raise ShadowDistillError(
+                raise SpoolFull(
                     f"spool {self.directory} is full: {self._bytes} + {size} bytes would pass max_bytes="
                     f"{self.max_bytes}; {len(encoded)} record(s) refused"
                 )
