@@ -107,9 +107,12 @@ class FeatureStore:
             })
         if not items:
             return 0
+        # preserve_rowcount: psycopg reports -1 for a multi-row INSERT unless SQLAlchemy is told to keep it.
         with Session(self.engine) as s, s.begin():
-            s.execute(self._insert(TrajectoryRow).values(traj_rows).on_conflict_do_nothing())
-            res = s.execute(self._insert(TeacherScoreRow).values(score_rows).on_conflict_do_nothing())
+            s.execute(self._insert(TrajectoryRow).values(traj_rows).on_conflict_do_nothing(),
+                      execution_options={"preserve_rowcount": True})
+            res = s.execute(self._insert(TeacherScoreRow).values(score_rows).on_conflict_do_nothing(),
+                            execution_options={"preserve_rowcount": True})
             return max(res.rowcount or 0, 0)
 
     @staticmethod

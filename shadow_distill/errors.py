@@ -43,6 +43,14 @@ class GateError(ShadowDistillError):
     """A gate could not be evaluated (no held-out data, NaN metric)."""
 
 
+class EngineError(ShadowDistillError):
+    """The generation engine (embedded or an upstream vLLM) failed or is not running."""
+
+
+class TeacherUnavailable(ShadowDistillError, ConnectionError):
+    """The teacher server cannot be reached or is overloaded; retry later (the scorer backs off)."""
+
+
 class SpoolFull(ShadowDistillError):
     """The shadow log's local spool reached its size cap; records are counted as dropped, loudly."""
 

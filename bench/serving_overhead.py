@@ -1,0 +1,150 @@
+"""What the shadow log costs the endpoint: throughput and p50/p99 latency with it ON vs OFF, in one run.
+
+One embedded engine serves two apps: one without a sink (OFF) and one whose ShadowLogger ships every choice
+to a Tansu broker this bench starts (ON). Closed-loop clients (default 8) send chat requests; both phases use
+the same seeds, so they generate the same tokens. Phases alternate over several rounds in ABBA order
+(OFF ON, ON OFF, ...) so that drift on a shared host hits both alike. The last line is the ratio of ON to OFF
+throughput (target >= 0.98). `--sink memory` replaces Kafka by an in-memory sink, which separates the cost
+of building trajectories from the cost of shipping them.
+
+    .venv/bin/python bench/serving_overhead.py                          # tiny student, about a minute
+    .venv/bin/python bench/serving_overhead.py --model-dir ~/.cache/shadow-distill/models/<student> \\
+        --max-tokens 64 --phase-s 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import openai
+
+from message_bus.broker import TansuBroker
+from message_bus.topics import ensure_topics
+from serving.api_server import BackgroundServer, build_app
+from serving.config import ServingConfig
+from serving.engine import EmbeddedEngine
+from serving.shadow_log import ShadowLogger
+from serving.testing import torch_threads
+from serving.trajectories import MemorySink
+
+MESSAGES = [{"role": "user", "content": "Write a short poem about the sea in exactly three lines."}]
+
+
+@dataclass
+class Phase:
+    name: str
+    latencies_s: list[float] = field(default_factory=list)
+    tokens: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_s) / self.elapsed_s if self.elapsed_s else 0.0
+
+    def quantile(self, q: float) -> float:
+        data = sorted(self.latencies_s)
+        return data[min(len(data) - 1, int(q * len(data)))] if data else float("nan")
+
+
+async def run_phase(url: str, model: str, phase: Phase, args: argparse.Namespace, first_seed: int) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=120)
+    next_seed = [first_seed]
+    stop_at = time.perf_counter() + args.phase_s
+
+    async def worker() -> None:
+        while time.perf_counter() < stop_at:
+            seed, next_seed[0] = next_seed[0], next_seed[0] + 1
+            t0 = time.perf_counter()
+            r = await client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=args.max_tokens,
+                                                     seed=seed)
+            phase.latencies_s.append(time.perf_counter() - t0)
+            phase.tokens += r.usage.completion_tokens
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    phase.elapsed_s += time.perf_counter() - started
+    await client.close()
+
+
+def merge(parts: list[Phase]) -> Phase:
+    total = Phase(parts[0].name)
+    for p in parts:
+        total.latencies_s += p.latencies_s
+        total.tokens += p.tokens
+        total.elapsed_s += p.elapsed_s
+    return total
+
+
+def report(p: Phase) -> str:
+    return (f"{p.name:>4}: {len(p.latencies_s):5d} requests  {p.throughput:7.2f} req/s  "
+            f"{p.tokens / p.elapsed_s:8.1f} tok/s  p50 {p.quantile(0.5) * 1000:7.1f} ms  "
+            f"p99 {p.quantile(0.99) * 1000:7.1f} ms")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, help="student folder (default: a tiny random student)")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--phase-s", type=float, default=4.0, help="seconds per phase and round")
+    parser.add_argument("--rounds", type=int, default=6, help="OFF/ON pairs, in ABBA order")
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--sink", choices=["kafka", "memory"], default="kafka")
+    parser.add_argument("--linger-ms", type=int, help="producer linger_ms (default: message_bus.topics' value)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp, torch_threads(args.torch_threads), \
+            TansuBroker() as broker:
+        model_dir = args.model_dir
+        if model_dir is None:
+            from model_runtime.tiny import build_tiny_pair
+
+            model_dir = build_tiny_pair(Path(tmp) / "tiny")[1]
+        topic = f"bench.serving.{uuid.uuid4().hex[:8]}"
+        ensure_topics(broker.bootstrap, {topic: 1})
+        config = ServingConfig(model_dir=model_dir, max_batch_size=args.concurrency,
+                               max_tokens_limit=max(args.max_tokens, 1), default_max_tokens=max(args.max_tokens, 1))
+        engine = EmbeddedEngine.from_dir(model_dir, "auto", max_batch_size=args.concurrency)
+        overrides = {} if args.linger_ms is None else {"linger_ms": args.linger_ms}
+        sink = (ShadowLogger(broker.bootstrap, topic, Path(tmp) / "spool", producer_overrides=overrides)
+                if args.sink == "kafka" else MemorySink())
+        apps = {"off": build_app(config, engine, caller_salt="bench"),
+                "on": build_app(config, engine, sink=sink, caller_salt="bench")}
+        phases: dict[str, list[Phase]] = {"off": [], "on": []}
+        try:
+            with BackgroundServer(apps["off"]) as off, BackgroundServer(apps["on"]) as on:
+                urls = {"off": off.url, "on": on.url}
+                asyncio.run(run_phase(off.url, engine.base_model_id, Phase("warm"),
+                                      argparse.Namespace(**{**vars(args), "phase_s": 2.0}), 10**6))
+                for r in range(args.rounds):
+                    order = ("off", "on") if r % 2 == 0 else ("on", "off")
+                    for name in order:
+                        phase = Phase(name)
+                        asyncio.run(run_phase(urls[name], engine.base_model_id, phase, args, first_seed=r * 10**5))
+                        phases[name].append(phase)
+                        print(f"round {r + 1} {report(phase)}", flush=True)
+        finally:
+            engine.close()
+            sink.close(10.0)
+        stats = sink.stats()
+    on_total, off_total = merge(phases["on"]), merge(phases["off"])
+    print(report(off_total))
+    print(report(on_total))
+    pair_ratios = sorted(on.throughput / off.throughput for on, off in zip(phases["on"], phases["off"], strict=True))
+    print(f"per-round ratios on/off: {' '.join(f'{r:.3f}' for r in pair_ratios)} "
+          f"(median {pair_ratios[len(pair_ratios) // 2]:.3f}; their spread is this host's noise)")
+    print(f"shadow log: accepted {stats.get('accepted')} sent {stats.get('sent')} spooled {stats.get('spooled')} "
+          f"dropped {stats.get('dropped')}")
+    print(f"throughput ratio on/off: {on_total.throughput / off_total.throughput:.3f}")
+
+
+if __name__ == "__main__":
+    main()

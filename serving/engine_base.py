@@ -1,0 +1,100 @@
+"""What the serving logic needs from an engine, whichever runs the model (embedded or a vLLM server).
+
+The API layer tokenizes, validates and builds rows of token ids; an engine turns rows into sampled token ids
+with the logprob of each token under the distribution it was drawn from, and says which adapter version
+produced them. All rows of one `submit` run in one batch, so a request never mixes two adapter versions.
+
+The interface is thread-based (`concurrent.futures.Future`) so that the adapter watcher (a thread) and the
+asyncio API layer (`asyncio.wrap_future`) can both use it. `on_token` is called from the engine's own thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from transformers import PreTrainedTokenizerBase
+
+from model_runtime.sampling import DecodeParams
+
+TokenCallback = Callable[[int, int, float], None]
+"""(row index within the submitted rows, token id, logprob as logged), called as each token is sampled."""
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """One choice to generate."""
+
+    prompt_ids: tuple[int, ...]
+    params: DecodeParams
+    stop: tuple[str, ...] = ()
+    top_logprobs: int = 0  # alternatives to report per token; 0: none
+
+
+@dataclass
+class RowResult:
+    """One generated choice. `logprobs[j]` belongs to `completion_ids[j]` and is of kind `logprob_kind`."""
+
+    completion_ids: list[int]
+    logprobs: list[float]
+    logprob_kind: str  # "sampled" | "raw" (see model_runtime.sampling.SampleResult.behaviour)
+    finish_reason: str  # "stop" | "length"
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: (token id, logprob), best first
+
+
+@dataclass
+class GenerationOutput:
+    rows: list[RowResult]
+    adapter_version: str | None
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    version: str
+    path: Path
+
+
+@dataclass
+class GenerationJob:
+    """A submitted request: its future result and a flag that ends its rows early (client went away)."""
+
+    rows: Sequence[RowRequest]
+    on_token: TokenCallback | None = None
+    future: Future = field(default_factory=Future)
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+class Engine(Protocol):
+    kind: str  # "embedded" | "vllm"
+    base_model_id: str
+    tokenizer: PreTrainedTokenizerBase
+    max_model_len: int
+
+    def active_adapter(self) -> AdapterInfo | None: ...
+
+    def submit(self, rows: Sequence[RowRequest], on_token: TokenCallback | None = None) -> GenerationJob: ...
+
+    def set_adapter(self, adapter: AdapterInfo | None) -> Future:
+        """Serve `adapter` (None: the base) from the next batch on; the future fails if it cannot load."""
+        ...
+
+    def is_alive(self) -> bool: ...
+
+    def close(self, timeout_s: float = 10.0) -> None: ...
+
+
+class EngineObserver(Protocol):
+    """Receives per-batch facts (metrics); called from the engine thread, must be cheap."""
+
+    def on_batch(self, rows: int, generated_tokens: int, seconds: float) -> None: ...

@@ -1,0 +1,117 @@
+"""Settings of the teacher scorer, validated once when the service starts.
+
+Why a pydantic model: the CLI, the Airflow DAG and the tests build the same settings from flags, env or JSON,
+and a bad value (a negative token budget, an http teacher without its vocabulary size) should fail at start-up
+with the field's name, not minutes later inside a Kafka callback.
+
+    cfg = ScoringConfig(bootstrap_servers="127.0.0.1:9092", store_url="sqlite:///store.db",
+                        teacher="~/.cache/shadow-distill/models/teacher")
+    cfg = ScoringConfig(..., teacher="http://vllm:8000", teacher_model="smollm2-135m-instruct",
+                        teacher_vocab_size=49152)
+    cfg.consumer_settings()   # kwargs for kafka.KafkaConsumer
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from schemas.trajectory import DEAD_LETTER_TOPIC, DEFAULT_TOPIC
+
+
+class ScoringConfig(BaseModel):
+    """Where to read trajectories, which teacher scores them, where the scores go, and how fast."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # ---- Kafka ------------------------------------------------------------------------------------------
+    bootstrap_servers: str = Field(
+        description="Comma-separated host:port list of Kafka brokers, e.g. '127.0.0.1:9092'.")
+    topic: str = Field(DEFAULT_TOPIC, min_length=1, description="Topic the serving layer logs trajectories to.")
+    dlq_topic: str = Field(DEAD_LETTER_TOPIC, min_length=1,
+                           description="Dead-letter topic for messages that can never be scored.")
+    group_id: str = Field("shadow-scoring", min_length=1,
+                          description="Consumer group; scorers sharing it split the partitions.")
+    client_id: str = Field("shadow-scoring", min_length=1, description="Kafka client id (shows up in broker logs).")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="Where a group with no committed offset starts; 'earliest' loses nothing.")
+    session_timeout_ms: int = Field(
+        6_000, ge=1_000, description="Consumer-group session timeout; a join takes about half of it on Tansu.")
+    max_poll_interval_ms: int = Field(
+        300_000, ge=1_000, description="Longest allowed gap between polls (scoring + DB commit of one poll).")
+    max_poll_records: int = Field(256, ge=1, description="Most messages taken per poll; one poll = one DB commit.")
+    poll_timeout_ms: int = Field(1_000, ge=1, description="How long one poll waits for messages.")
+
+    # ---- feature store ----------------------------------------------------------------------------------
+    store_url: str = Field(min_length=1, description="SQLAlchemy URL of the feature store (sqlite or postgresql).")
+
+    # ---- teacher ----------------------------------------------------------------------------------------
+    teacher: str = Field(min_length=1, description=(
+        "Either a local model folder (embedded teacher, scored in-process) or the base URL of an "
+        "OpenAI-compatible server with vLLM's prompt_logprobs (http:// or https://)."))
+    teacher_model: str | None = Field(None, description="Served model name; required for an http teacher.")
+    teacher_vocab_size: int | None = Field(
+        None, ge=1, description="Vocabulary size of an http teacher (the server does not report it).")
+    teacher_api_key: str | None = Field(None, repr=False, description="Bearer token for an http teacher, if any.")
+    teacher_timeout_s: float = Field(120.0, gt=0, description="HTTP timeout of one scoring request.")
+    temperature: float = Field(1.0, gt=0, description="Embedded teacher only: score under softmax(logits / T).")
+    device: str = Field("auto", description="Embedded teacher only: 'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    batch_tokens: int = Field(8_192, ge=1, description="Token budget of one teacher forward pass (padded).")
+    topk: int = Field(0, ge=0, le=1_000, description="Also store the teacher's top-k per completion token (0: off).")
+
+    # ---- operations -------------------------------------------------------------------------------------
+    metrics_port: int | None = Field(
+        None, ge=0, le=65_535, description="Serve Prometheus /metrics on this port (0: any free port; None: off).")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics server binds to ('0.0.0.0' in a pod).")
+    retry_initial_s: float = Field(0.5, gt=0, description="First wait after the database or teacher fails.")
+    retry_max_s: float = Field(30.0, gt=0, description="Longest wait between retries (exponential backoff).")
+    lag_refresh_s: float = Field(5.0, ge=0, description="How often consumer lag is measured (it costs a request).")
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, v: str) -> str:
+        hosts = [h.strip() for h in v.split(",") if h.strip()]
+        bad = [h for h in hosts if ":" not in h]
+        if not hosts or bad:
+            raise ValueError(f"bootstrap_servers {v!r} must be a comma-separated list of host:port")
+        return ",".join(hosts)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScoringConfig:
+        if self.topic == self.dlq_topic:
+            raise ValueError(f"dlq_topic {self.dlq_topic!r} must differ from topic (poison would loop forever)")
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError(f"retry_max_s {self.retry_max_s} is below retry_initial_s {self.retry_initial_s}")
+        if self.max_poll_interval_ms < self.session_timeout_ms:
+            raise ValueError(f"max_poll_interval_ms {self.max_poll_interval_ms} is below "
+                             f"session_timeout_ms {self.session_timeout_ms}")
+        if self.teacher_is_http:
+            missing = [f for f in ("teacher_model", "teacher_vocab_size") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"teacher {self.teacher!r} is a server URL: set {' and '.join(missing)}")
+            if self.temperature != 1.0:
+                raise ValueError(f"temperature {self.temperature} needs the embedded teacher: a server's "
+                                 "prompt_logprobs are the raw distribution (temperature 1)")
+        return self
+
+    @property
+    def teacher_is_http(self) -> bool:
+        return self.teacher.startswith(("http://", "https://"))
+
+    def consumer_settings(self) -> dict[str, Any]:
+        """kwargs for `kafka.KafkaConsumer` (`message_bus.topics` defaults): manual commits, so offsets move
+        only after the DB commit; the heartbeat follows the session timeout."""
+        from message_bus.topics import consumer_config
+
+        return consumer_config(
+            self.bootstrap_servers, self.group_id, client_id=self.client_id, auto_offset_reset=self.auto_offset_reset,
+            session_timeout_ms=self.session_timeout_ms, max_poll_interval_ms=self.max_poll_interval_ms,
+            max_poll_records=self.max_poll_records,
+        )
+
+    def producer_settings(self) -> dict[str, Any]:
+        """kwargs for the dead-letter `kafka.KafkaProducer`: acks=all, idempotent (`message_bus.topics`)."""
+        from message_bus.topics import producer_config
+
+        return producer_config(self.bootstrap_servers, client_id=f"{self.client_id}-dlq")

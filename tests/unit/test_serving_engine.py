@@ -1,0 +1,149 @@
+"""The embedded engine on the tiny student: batching, seeds, stops, alternatives, adapter swaps, failures."""
+
+import time
+from concurrent.futures import CancelledError
+
+import pytest
+import torch
+
+from model_runtime.models import ModelMeta, load_model, load_tokenizer
+from model_runtime.sampling import DecodeParams
+from serving.detokenize import decode, final_text
+from serving.engine import EmbeddedEngine
+from serving.engine_base import AdapterInfo, RowRequest
+from serving.testing import make_adapter, torch_threads
+from shadow_distill.errors import AdapterError, ShadowDistillError
+
+PROMPT = (1, 300, 262, 201, 293, 275, 81, 2, 201, 1)
+
+
+class Batches:
+    def __init__(self):
+        self.rows = []
+
+    def on_batch(self, rows, generated_tokens, seconds):
+        self.rows.append(rows)
+
+
+@pytest.fixture(scope="module")
+def student(tiny_models):
+    with torch_threads(1):
+        yield tiny_models[1]
+
+
+def new_engine(student_dir, **kwargs):
+    return EmbeddedEngine(load_model(student_dir), load_tokenizer(student_dir), ModelMeta.read(student_dir).model_id,
+                          **kwargs)
+
+
+@pytest.fixture(scope="module")
+def engine(student):
+    observer = Batches()
+    eng = new_engine(student, max_batch_size=4, batch_wait_ms=300, observer=observer)
+    eng.batches = observer
+    yield eng
+    eng.close()
+
+
+def row(max_tokens=8, seed=1, temperature=1.0, **kw):
+    return RowRequest(PROMPT, DecodeParams(max_tokens=max_tokens, temperature=temperature, seed=seed, **kw))
+
+
+def run(engine, rows):
+    return engine.submit(rows).future.result(60)
+
+
+def test_concurrent_requests_share_one_batch_and_keep_their_own_seeds(engine):
+    alone = run(engine, [row(seed=7)]).rows[0]
+    engine.batches.rows.clear()
+    jobs = [engine.submit([row(seed=7)]), engine.submit([row(seed=8)]), engine.submit([row(seed=9), row(seed=10)])]
+    outs = [j.future.result(60) for j in jobs]
+    assert engine.batches.rows == [4]
+    together = outs[0].rows[0]
+    assert together.completion_ids == alone.completion_ids  # a seed reproduces whatever shares the batch
+    assert torch.allclose(torch.tensor(together.logprobs), torch.tensor(alone.logprobs), atol=1e-4)
+    assert [len(o.rows) for o in outs] == [1, 1, 2]
+
+
+def test_batches_never_exceed_the_limit_and_a_request_is_never_split(engine):
+    engine.batches.rows.clear()
+    jobs = [engine.submit([row(seed=s) for s in range(3)]), engine.submit([row(seed=5), row(seed=6)]),
+            engine.submit([row(seed=s) for s in range(6)])]
+    assert [len(j.future.result(60).rows) for j in jobs] == [3, 2, 6]
+    assert sorted(engine.batches.rows) == [2, 3, 6]  # 3+2 > 4; the 6-row request runs alone
+
+
+def test_greedy_logs_raw_logprobs_and_alternatives_rank_the_chosen_token_first(engine):
+    res = run(engine, [RowRequest(PROMPT, DecodeParams(max_tokens=6, temperature=0), top_logprobs=3)]).rows[0]
+    assert res.logprob_kind == "raw" and all(lp < 0 for lp in res.logprobs)
+    for tok, lp, alts in zip(res.completion_ids, res.logprobs, res.top_logprobs, strict=True):
+        assert len(alts) == 3 and alts[0][0] == tok and abs(alts[0][1] - lp) < 1e-4
+
+
+def test_alternatives_come_from_the_truncated_distribution_that_was_sampled(engine):
+    params = DecodeParams(max_tokens=6, temperature=0.8, top_k=2, seed=3)
+    res = run(engine, [RowRequest(PROMPT, params, top_logprobs=5)]).rows[0]
+    assert res.logprob_kind == "sampled"
+    for tok, lp, alts in zip(res.completion_ids, res.logprobs, res.top_logprobs, strict=True):
+        assert len(alts) == 2  # top_k=2: the other tokens had probability 0 and are not reported
+        assert abs(dict(alts)[tok] - lp) < 1e-4
+        assert abs(sum(torch.tensor([a[1] for a in alts]).exp()) - 1) < 1e-4
+
+
+def test_a_stop_string_ends_the_row_at_the_token_that_completes_it(engine):
+    free = run(engine, [row(max_tokens=24, temperature=0)]).rows[0]
+    text = decode(engine.tokenizer, free.completion_ids)
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    stopped = run(engine, [RowRequest(PROMPT, DecodeParams(max_tokens=24, temperature=0), stop=(stop,))]).rows[0]
+    assert stopped.finish_reason == "stop" and len(stopped.completion_ids) < len(free.completion_ids)
+    assert stopped.completion_ids == free.completion_ids[: len(stopped.completion_ids)]
+    assert stop in decode(engine.tokenizer, stopped.completion_ids)
+    assert stop not in decode(engine.tokenizer, stopped.completion_ids[:-1])
+    assert final_text(engine.tokenizer, stopped.completion_ids, (stop,)) == text[: text.index(stop)]
+
+
+def test_adapter_swaps_between_batches_and_a_bad_adapter_keeps_the_old_one(student, tmp_path):
+    eng = new_engine(student, batch_wait_ms=0)
+    try:
+        greedy = [row(max_tokens=8, temperature=0)]
+        base = run(eng, greedy)
+        v1 = make_adapter(student, tmp_path / "v1", seed=1)
+        eng.set_adapter(AdapterInfo("1", v1)).result(30)
+        out1 = run(eng, greedy)
+        assert out1.adapter_version == "1" and out1.rows[0].completion_ids != base.rows[0].completion_ids
+        (tmp_path / "broken").mkdir()
+        with pytest.raises(AdapterError):
+            eng.set_adapter(AdapterInfo("2", tmp_path / "broken")).result(30)
+        again = run(eng, greedy)
+        assert again.adapter_version == "1" and again.rows[0].completion_ids == out1.rows[0].completion_ids
+        eng.set_adapter(AdapterInfo("3", make_adapter(student, tmp_path / "v3", seed=3))).result(30)
+        assert run(eng, greedy).adapter_version == "3"
+        assert len(eng._slot.peft.peft_config) == 1  # the replaced adapter was deleted, not kept in memory
+        eng.set_adapter(None).result(30)
+        back = run(eng, greedy)
+        assert back.adapter_version is None and back.rows[0].completion_ids == base.rows[0].completion_ids
+    finally:
+        eng.close()
+
+
+def test_a_failing_batch_fails_its_requests_but_not_the_engine(engine):
+    bad = RowRequest((10**6,), DecodeParams(max_tokens=2))  # not in the vocabulary: the forward pass raises
+    with pytest.raises(ShadowDistillError, match="generation failed"):
+        run(engine, [bad])
+    assert engine.is_alive() and len(run(engine, [row()]).rows) == 1
+
+
+def test_a_cancelled_request_is_dropped_and_a_closed_engine_refuses_work(student):
+    eng = new_engine(student, batch_wait_ms=0)
+    long_job = eng.submit([row(max_tokens=200, temperature=0)])
+    time.sleep(0.05)
+    queued = eng.submit([row()])
+    queued.cancel()
+    long_job.cancel()  # ends its row early too, through the stop check
+    assert len(long_job.future.result(60).rows[0].completion_ids) < 200
+    with pytest.raises(CancelledError):
+        queued.future.result(60)
+    eng.close()
+    assert not eng.is_alive()
+    with pytest.raises(ShadowDistillError):
+        eng.submit([row()])
