@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, delete, event, func, select
+from sqlalchemy import Engine, and_, create_engine, delete, event, exists, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -154,8 +154,10 @@ class FeatureStore:
         return q
 
     def scored_ids(self, teacher_id: str, start: datetime | None = None, end: datetime | None = None,
-                   adapter_version: str | None | type(...) = ...) -> list[str]:
-        """Ids of scored trajectories of a window, oldest first (ties by id, so the order is stable)."""
+                   adapter_version: object = ...) -> list[str]:
+        """Ids of scored trajectories of a window, oldest first (ties by id, so the order is stable).
+
+        `adapter_version`: omit for all; None for the base student's; a version string for that adapter's."""
         q = (select(TrajectoryRow.trajectory_id)
              .join(TeacherScoreRow, TrajectoryRow.trajectory_id == TeacherScoreRow.trajectory_id)
              .where(TeacherScoreRow.teacher_id == teacher_id)
@@ -166,6 +168,38 @@ class FeatureStore:
                         else TrajectoryRow.adapter_version == adapter_version)
         with Session(self.engine) as s:
             return list(s.execute(q).scalars())
+
+    def unscored(self, teacher_id: str, since: datetime | None = None, until: datetime | None = None, *,
+                 after: tuple[datetime, str] | None = None, limit: int = 256) -> list[TrajectoryV1]:
+        """Stored trajectories of [since, until) that `teacher_id` has not scored, oldest first, after the keyset
+        `after` = (created_at, trajectory_id) of the previous page: what a backfill with a new teacher reads."""
+        scored = exists().where(TeacherScoreRow.trajectory_id == TrajectoryRow.trajectory_id,
+                                TeacherScoreRow.teacher_id == teacher_id)
+        q = self._window(select(TrajectoryRow).where(~scored), since, until)
+        if after is not None:
+            at, tid = _utc(after[0]), after[1]
+            q = q.where(or_(TrajectoryRow.created_at > at,
+                            and_(TrajectoryRow.created_at == at, TrajectoryRow.trajectory_id > tid)))
+        q = q.order_by(TrajectoryRow.created_at, TrajectoryRow.trajectory_id).limit(limit)
+        with Session(self.engine) as s:
+            return [self._message(r) for r in s.execute(q).scalars()]
+
+    @staticmethod
+    def _message(r: TrajectoryRow) -> TrajectoryV1:
+        """Rebuild the logged message from its stored row (length-checked arrays, UTC timestamps)."""
+        n = r.n_completion_tokens
+        return TrajectoryV1(
+            schema_version=r.schema_version, trajectory_id=r.trajectory_id, request_id=r.request_id,
+            choice_index=r.choice_index, created_at=_utc(r.created_at), caller_hash=r.caller_hash,
+            base_model_id=r.base_model_id, adapter_version=r.adapter_version,
+            sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                    max_tokens=r.max_tokens, seed=r.seed),
+            prompt_token_ids=unpack_ids(r.prompt_token_ids, r.n_prompt_tokens, "prompt ids"),
+            completion_token_ids=unpack_ids(r.completion_token_ids, n, "completion ids"),
+            behaviour_logprobs=unpack_floats(r.behaviour_logprobs, n, "behaviour logprobs").tolist(),
+            logprob_kind=r.logprob_kind, finish_reason=r.finish_reason,
+            prompt_text=r.prompt_text, completion_text=r.completion_text,
+        )
 
     def load_scored(self, ids: Sequence[str], teacher_id: str) -> list[ScoredTrajectory]:
         """Load scored trajectories by id, in the order given; a missing id is an error, not a silent gap."""

@@ -50,7 +50,7 @@ from serving.serving_chat import OpenAIServingChat
 from serving.serving_completion import OpenAIServingCompletion
 from serving.serving_engine import Completed, RequestContext
 from serving.trajectories import TrajectorySink
-from shadow_distill.errors import AdapterError, ShadowDistillError
+from shadow_distill.errors import AdapterError, ConfigError, ShadowDistillError
 
 log = logging.getLogger(__name__)
 DEFAULT_SALT = "shadow-distill-default-salt"
@@ -327,17 +327,13 @@ def run_server(config: ServingConfig) -> None:
 
 def parse_args(argv: list[str] | None = None) -> ServingConfig:
     """One `--flag` per ServingConfig field (`--no-log-texts` for booleans); pydantic validates the values."""
+    from shadow_distill.config_flags import add_model_flags, model_from_args
+
     parser = argparse.ArgumentParser(prog="python -m serving.api_server", description=__doc__.split("\n\n")[0])
-    for name, field in ServingConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        if field.annotation in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.description)
-        else:
-            parser.add_argument(flag, default=None, required=field.is_required(), help=field.description)
-    values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    add_model_flags(parser, ServingConfig)
     try:
-        return ServingConfig.model_validate(values)
-    except ValidationError as exc:
+        return model_from_args(ServingConfig, parser.parse_args(argv))
+    except ConfigError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
 

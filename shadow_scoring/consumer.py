@@ -35,13 +35,9 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from sqlalchemy import and_, exists, or_, select
-from sqlalchemy.orm import Session
 
-from feature_store.store import FeatureStore, TeacherScores, _utc
-from schemas.arrays import unpack_floats, unpack_ids
-from schemas.tables import TeacherScoreRow, TrajectoryRow
-from schemas.trajectory import SamplingParams, TrajectoryV1, decode_trajectory
+from feature_store.store import FeatureStore, TeacherScores
+from schemas.trajectory import TrajectoryV1, decode_trajectory
 from shadow_distill.errors import InvalidTrajectory
 from shadow_scoring.config import ScoringConfig
 from shadow_scoring.teacher import Teacher, build_teacher, check_vocab, score_in_batches
@@ -377,41 +373,6 @@ class BackfillReport:
     rejected_ids: list[str] = field(default_factory=list)  # the teacher could not score these
 
 
-def row_to_trajectory(r: TrajectoryRow) -> TrajectoryV1:
-    """Rebuild the logged message from its stored row (length-checked arrays, UTC timestamps)."""
-    n = r.n_completion_tokens
-    return TrajectoryV1(
-        schema_version=r.schema_version, trajectory_id=r.trajectory_id, request_id=r.request_id,
-        choice_index=r.choice_index, created_at=_utc(r.created_at), caller_hash=r.caller_hash,
-        base_model_id=r.base_model_id, adapter_version=r.adapter_version,
-        sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                max_tokens=r.max_tokens, seed=r.seed),
-        prompt_token_ids=unpack_ids(r.prompt_token_ids, r.n_prompt_tokens, "prompt ids"),
-        completion_token_ids=unpack_ids(r.completion_token_ids, n, "completion ids"),
-        behaviour_logprobs=unpack_floats(r.behaviour_logprobs, n, "behaviour logprobs").tolist(),
-        logprob_kind=r.logprob_kind, finish_reason=r.finish_reason,
-        prompt_text=r.prompt_text, completion_text=r.completion_text,
-    )
-
-
-def unscored_trajectories(store: FeatureStore, teacher_id: str, since: datetime | None, until: datetime | None,
-                          after: tuple[datetime, str] | None = None, limit: int = 256) -> list[TrajectoryV1]:
-    """Trajectories of [since, until) with no score from `teacher_id`, oldest first, after the keyset `after`."""
-    scored = exists().where(TeacherScoreRow.trajectory_id == TrajectoryRow.trajectory_id,
-                            TeacherScoreRow.teacher_id == teacher_id)
-    q = select(TrajectoryRow).where(~scored).order_by(TrajectoryRow.created_at, TrajectoryRow.trajectory_id)
-    if since is not None:
-        q = q.where(TrajectoryRow.created_at >= _utc(since))
-    if until is not None:
-        q = q.where(TrajectoryRow.created_at < _utc(until))
-    if after is not None:
-        at, tid = _utc(after[0]), after[1]
-        q = q.where(or_(TrajectoryRow.created_at > at,
-                        and_(TrajectoryRow.created_at == at, TrajectoryRow.trajectory_id > tid)))
-    with Session(store.engine) as s:
-        return [row_to_trajectory(r) for r in s.execute(q.limit(limit)).scalars()]
-
-
 def backfill(store: FeatureStore, teacher: Teacher, since: datetime | None, until: datetime | None,
              batch_tokens: int, *, topk: int = 0, page_size: int = 256) -> BackfillReport:
     """Score the stored trajectories of [since, until) that `teacher` has not scored yet (idempotent, resumable).
@@ -420,7 +381,7 @@ def backfill(store: FeatureStore, teacher: Teacher, since: datetime | None, unti
     """
     report = BackfillReport(teacher.teacher_id)
     after: tuple[datetime, str] | None = None
-    while page := unscored_trajectories(store, teacher.teacher_id, since, until, after, page_size):
+    while page := store.unscored(teacher.teacher_id, since, until, after=after, limit=page_size):
         results = score_in_batches(teacher, page, batch_tokens, topk)
         items = [(t, r) for t, r in zip(page, results, strict=True) if not isinstance(r, InvalidTrajectory)]
         report.rejected_ids += [t.trajectory_id for t, r in zip(page, results, strict=True)
