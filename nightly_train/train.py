@@ -16,6 +16,7 @@ last one and, because data order and rollouts are seeded by (seed, epoch, step),
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from nightly_train.losses import (
 )
 
 MetricsFn = Callable[[int, dict[str, float]], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -255,6 +257,9 @@ class Distiller:
             if log_metrics:
                 log_metrics(step + 1, metrics)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+            log.info("step %d/%d loss %.4f sampled_rkl %.4f rollout_rkl %.4f tokens/s %.0f", step + 1,
+                     self.total_steps, metrics.get("loss", float("nan")), metrics.get("sampled_reverse_kl", float("nan")),
+                     metrics.get("rollout_reverse_kl", float("nan")), metrics["tokens_per_s"])
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < self.total_steps:
                 self.save_checkpoint(step + 1)
         adapter_dir = save_adapter(self.model, cfg.output_dir / "adapter", self.base_id)
