@@ -24,7 +24,7 @@ def teacher_dir():
 def _sample_and_rescore(model_dir, tok):
     model = load_model(model_dir)
     prompts = [user_prompt_ids(tok, "Give three tips for staying healthy."), user_prompt_ids(tok, "What is 2+2?")]
-    params = [DecodeParams(max_tokens=12, temperature=1.0, seed=0), DecodeParams(max_tokens=8, temperature=0.0)]
+    params = [DecodeParams(max_tokens=12, temperature=1.0, seed=0), DecodeParams(max_tokens=20, temperature=0.0)]
     res = sample(model, prompts, params, eos_ids=eos_token_ids(tok, model), pad_id=tok.pad_token_id)
     scored = completion_logprobs(model, prompts, [r.completion_ids for r in res], tok.pad_token_id)
     return res, scored
