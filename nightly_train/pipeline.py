@@ -150,6 +150,8 @@ def _champion(cfg: NightlyConfig, key: str) -> tuple[str | None, Path | None]:
     if champ is None:
         return None, None
     dst = _workdir(cfg, key) / f"champion-v{champ.version}"
+    if dst.is_dir() and any(dst.iterdir()):  # an earlier task of this night downloaded it (atomic rename)
+        return champ.version, dst
     return champ.version, _registry(cfg).download_adapter(champ.version, dst)
 
 

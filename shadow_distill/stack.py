@@ -182,6 +182,8 @@ def start_airflow(sup: Supervisor, dags_dir: Path, nightly_config: Path) -> str:
     port = free_port()
     env = airflow_env(sup.folder / "airflow", dags_dir, nightly_config)
     env["AIRFLOW__API__PORT"] = str(port)
+    # standalone starts its components as `airflow ...` subprocesses: they must find this venv's airflow
+    env["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
     sup.start("airflow", [str(BIN / "airflow"), "standalone"], port=port, env=env, timeout_s=300)
     return f"http://127.0.0.1:{port}"
 
