@@ -1,0 +1,327 @@
+"""The reviewer's page for one candidate: gate table, training curves, and where the teacher's penalty fell.
+
+A reviewer approving `champion` should not have to read MLflow tags. Each nightly run gets one self-contained
+HTML page (inline CSS, the PNG embedded as base64 and also written beside it), logged as the run's `review/`
+artifact folder and openable from disk:
+- the gate's checks and the candidate-vs-champion table (IFEval's four metrics, held-out reverse/forward KL,
+  distinct-2, greedy answers) from the gate tags and the dict `pipeline.evaluate` returns;
+- training curves (loss, sampled reverse KL, advantage, importance-ratio stats per step) from
+  `<runs_dir>/<interval>/train_history.json`;
+- a token heatmap of the teacher's per-token penalty `log p_student(y_t) - log p_teacher(y_t)` on a few
+  held-out logged trajectories, scored by the student *before* (champion, or base on the first night) and
+  *after* training (candidate) on the very same tokens. Darker = larger penalty, one span per token, the
+  number in its tooltip: the case study in shared/reference/on-policy-distillation.md, per night.
+
+Pure parts (penalties from logprobs, colours, HTML) are separate from the I/O (`review_for_interval`).
+
+    python -m nightly_train.review --config nightly.json --start 2026-11-24T02:00Z --end 2026-11-25T02:00Z \\
+        --run-id <mlflow run id>        # rebuilds <runs_dir>/<interval>/review/index.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model_runtime.logprobs import completion_logprobs
+
+REPORT_FILE, CURVES_FILE = "index.html", "training_curves.png"
+_WHITE, _DARK = (255, 255, 255), (103, 0, 13)  # both ends of the penalty scale (matplotlib "Reds")
+_CURVE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("loss", ("loss",)),
+    ("sampled reverse KL (nats/token)", ("sampled_reverse_kl", "rollout_reverse_kl", "gkd_reverse_kl")),
+    ("advantage (mean)", ("advantage_mean",)),
+    ("importance ratio", ("ratio_mean", "ratio_max", "clipped_fraction")),
+)
+
+
+# ---- pure: penalties -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PenaltyCase:
+    """One held-out trajectory scored by the teacher and by the student before and after training."""
+
+    trajectory_id: str
+    prompt_text: str
+    token_ids: tuple[int, ...]
+    token_texts: tuple[str, ...]
+    teacher_lp: tuple[float, ...]
+    before_lp: tuple[float, ...]
+    after_lp: tuple[float, ...]
+
+    @property
+    def before_penalty(self) -> list[float]:
+        return token_penalties(self.before_lp, self.teacher_lp)
+
+    @property
+    def after_penalty(self) -> list[float]:
+        return token_penalties(self.after_lp, self.teacher_lp)
+
+
+def token_penalties(student_lp_C: Sequence[float], teacher_lp_C: Sequence[float]) -> list[float]:
+    """Per-token reverse-KL estimate on sampled tokens: log p_student(y_t) - log p_teacher(y_t)."""
+    if len(student_lp_C) != len(teacher_lp_C):
+        raise ValueError(f"{len(student_lp_C)} student logprobs for {len(teacher_lp_C)} teacher logprobs")
+    return [float(s) - float(t) for s, t in zip(student_lp_C, teacher_lp_C)]
+
+
+def token_texts(tokenizer, token_ids: Sequence[int]) -> list[str]:
+    """Each token decoded on its own (a byte-level piece of a multi-byte character shows as U+FFFD)."""
+    return [tokenizer.decode([int(i)], skip_special_tokens=False) for i in token_ids]
+
+
+def score_cases(before_model, after_model, teacher, tokenizer, trajectories: Sequence[tuple[str, list[int], list[int]]],
+                ) -> list[PenaltyCase]:
+    """Score (id, prompt_ids, completion_ids) under three models with the shared aligned scorer."""
+    rows = [t for t in trajectories if t[1] and t[2]]
+    if not rows:
+        return []
+    prompts, completions, pad = [r[1] for r in rows], [r[2] for r in rows], tokenizer.pad_token_id
+    lps = [completion_logprobs(m, prompts, completions, pad) for m in (teacher, before_model, after_model)]
+    return [PenaltyCase(tid, tokenizer.decode(p, skip_special_tokens=True), tuple(c), tuple(token_texts(tokenizer, c)),
+                        *(tuple(lp[b].logprobs_C.tolist()) for lp in lps))
+            for b, (tid, p, c) in enumerate(rows)]
+
+
+def penalty_scale(cases: Sequence[PenaltyCase]) -> float:
+    """One colour scale for every heatmap (before and after alike): the 98th percentile of positive penalties."""
+    positive = sorted(p for c in cases for p in (*c.before_penalty, *c.after_penalty) if p > 0 and math.isfinite(p))
+    return positive[min(len(positive) - 1, int(0.98 * len(positive)))] if positive else 1.0
+
+
+def penalty_colour(penalty: float, vmax: float) -> tuple[int, int, int]:
+    """White for no penalty (or a token the teacher likes more), darkest red at `vmax` and above."""
+    t = 0.0 if not math.isfinite(penalty) or vmax <= 0 else min(max(penalty / vmax, 0.0), 1.0)
+    return tuple(round(w + (d - w) * t) for w, d in zip(_WHITE, _DARK))  # type: ignore[return-value]
+
+
+# ---- pure: HTML ------------------------------------------------------------------------------------------
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    return f"{x:.{digits}g}" if isinstance(x, float) else _e(x)
+
+
+def render_tokens(texts: Sequence[str], penalties: Sequence[float], vmax: float) -> str:
+    """One `<span>` per token, background by penalty, tooltip with the number; every text is escaped."""
+    spans = []
+    for j, (text, pen) in enumerate(zip(texts, penalties, strict=True)):
+        r, g, b = penalty_colour(pen, vmax)
+        ink = "#fff" if (0.299 * r + 0.587 * g + 0.114 * b) < 140 else "#111"
+        shown = text.replace("\n", "\u21b5\n") if text else "\u2205"
+        spans.append(f'<span class="tok" style="background:rgb({r},{g},{b});color:{ink}" '
+                     f'title="token {j}: penalty {pen:+.3f} nats">{_e(shown)}</span>')
+    return "".join(spans)
+
+
+def _legend(vmax: float) -> str:
+    stops = [penalty_colour(vmax * k / 4, vmax) for k in range(5)]
+    gradient = ",".join(f"rgb({r},{g},{b})" for r, g, b in stops)
+    return (f'<div class="legend"><span>0</span><span class="bar" style="background:linear-gradient(90deg,'
+            f'{gradient})"></span><span>&ge; {vmax:.2f} nats</span></div>')
+
+
+def render_case(case: PenaltyCase, vmax: float, before_label: str, after_label: str) -> str:
+    rows = []
+    sides = ((f"before: {before_label}", case.before_penalty), (f"after: {after_label}", case.after_penalty))
+    for label, pens in sides:
+        mean = sum(pens) / len(pens) if pens else float("nan")
+        rows.append(f'<div class="side"><div class="label">{_e(label)} <span class="muted">mean {mean:.3f} '
+                    f'nats/token</span></div><div class="tokens">{render_tokens(case.token_texts, pens, vmax)}</div>'
+                    f'</div>')
+    return (f'<div class="case"><div class="muted">trajectory {_e(case.trajectory_id)}</div>'
+            f'<div class="prompt">{_e(case.prompt_text[-400:])}</div>{"".join(rows)}</div>')
+
+
+def gate_checks(gate_tags: Mapping[str, str]) -> list[tuple[str, bool, str]]:
+    """(name, passed, detail) of each check, from `GateDecision.to_tags()` (in its order)."""
+    names = [k[len("gate."):-len(".passed")] for k in gate_tags if k.startswith("gate.") and k.endswith(".passed")
+             and k.count(".") == 2]
+    return [(n, gate_tags[f"gate.{n}.passed"] == "true", gate_tags.get(f"gate.{n}.detail", "")) for n in names]
+
+
+def _metric_rows(evaluation: Mapping[str, Any]) -> list[tuple[str, Any, Any, bool | None]]:
+    """(metric, candidate, champion, candidate better?) for the comparison table."""
+    rows: list[tuple[str, Any, Any, bool | None]] = []
+    cand, champ = evaluation["candidate"], evaluation["champion"]
+    for name in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
+        a, b = float(cand["ifeval"][name]), float(champ["ifeval"][name])
+        rows.append((f"IFEval {name.replace('_', ' ')}", a, b, None if a == b else a > b))
+    for name, lower_better in (("reverse_kl", True), ("forward_kl", True), ("distinct_2", False)):
+        a, b = float(cand["distill"][name]), float(champ["distill"][name])
+        se_a, se_b = cand["distill"].get(f"{name}_se"), champ["distill"].get(f"{name}_se")
+        shown_a = f"{a:.4g} &plusmn; {se_a:.2g}" if isinstance(se_a, float) else f"{a:.4g}"
+        shown_b = f"{b:.4g} &plusmn; {se_b:.2g}" if isinstance(se_b, float) else f"{b:.4g}"
+        better = None if a == b or not (math.isfinite(a) and math.isfinite(b)) else (a < b) == lower_better
+        rows.append((name.replace("_", " "), shown_a, shown_b, better))
+    rows.append(("held-out sampled tokens", int(cand["distill"]["n_tokens"]), int(champ["distill"]["n_tokens"]), None))
+    return rows
+
+
+def render_gate(evaluation: Mapping[str, Any], gate_tags: Mapping[str, str]) -> str:
+    checks = "".join(f'<tr><td>{_e(n)}</td><td class="{"pass" if ok else "fail"}">{"PASS" if ok else "FAIL"}</td>'
+                     f'<td>{_e(d)}</td></tr>' for n, ok, d in gate_checks(gate_tags))
+    metrics = "".join(
+        f'<tr><td>{_e(name)}</td><td class="{"" if better is None else ("better" if better else "worse")}">'
+        f'{a if isinstance(a, str) else _fmt(a)}</td><td>{b if isinstance(b, str) else _fmt(b)}</td></tr>'
+        for name, a, b, better in _metric_rows(evaluation))
+    reference = _e(evaluation.get("reference", "champion"))
+    answers = "".join(f'<div class="answer"><div class="label">{label}</div><pre>'
+                      f'{_e(evaluation[side]["distill"].get("greedy_answer", ""))}</pre></div>'
+                      for side, label in (("champion", reference), ("candidate", "candidate")))
+    return (f'<h2>Gate</h2><table><tr><th>check</th><th>result</th><th>detail</th></tr>{checks}</table>'
+            f'<h2>Candidate vs {reference}</h2><table><tr><th>metric</th><th>candidate</th><th>{reference}</th>'
+            f'</tr>{metrics}</table><h3>Greedy answer</h3><div class="answers">{answers}</div>')
+
+
+_CSS = """
+body{font:14px/1.45 -apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;
+color:#1d1d1f;background:#fafafa;padding:0 20px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
+h3{font-size:14px;margin:16px 0 6px}.muted{color:#6e6e73;font-size:12px}
+.badge{display:inline-block;padding:3px 12px;border-radius:12px;color:#fff;font-weight:600;margin-left:8px}
+.badge.pass{background:#1a7f37}.badge.fail{background:#cf222e}
+table{border-collapse:collapse;background:#fff;width:100%}td,th{border:1px solid #e1e1e6;padding:5px 9px;
+text-align:left;vertical-align:top}th{background:#f2f2f5}
+td.pass{color:#1a7f37;font-weight:600}td.fail{color:#cf222e;font-weight:600}
+td.better{background:#e6f4ea}td.worse{background:#fdecea}
+.answers{display:flex;gap:12px}.answer{flex:1;background:#fff;border:1px solid #e1e1e6;padding:8px}
+pre{white-space:pre-wrap;margin:4px 0;font-size:12px}img{max-width:100%;background:#fff;border:1px solid #e1e1e6}
+.case{background:#fff;border:1px solid #e1e1e6;padding:10px 12px;margin:12px 0}
+.prompt{font-size:12px;color:#444;background:#f6f6f8;padding:6px;margin:6px 0;white-space:pre-wrap}
+.side{margin-top:8px}.label{font-weight:600;font-size:12px;margin-bottom:3px}
+.tokens{font:13px/1.9 ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;word-break:break-word}
+.tok{padding:1px 0;border-right:1px solid rgba(0,0,0,.09)}
+.legend{display:flex;align-items:center;gap:8px;font-size:12px}.legend .bar{width:240px;height:12px;
+border:1px solid #ccc}
+"""
+
+
+@dataclass(frozen=True)
+class ReviewPage:
+    """Everything the page shows, already computed."""
+
+    title: str
+    run_id: str
+    evaluation: Mapping[str, Any]
+    gate_tags: Mapping[str, str]
+    cases: Sequence[PenaltyCase]
+    before_label: str
+    after_label: str
+    curves_png: bytes | None = None
+
+
+def render_report(page: ReviewPage) -> str:
+    passed = page.gate_tags.get("gate.passed") == "true"
+    vmax = penalty_scale(page.cases)
+    curves = (f'<img alt="training curves" src="data:image/png;base64,{base64.b64encode(page.curves_png).decode()}">'
+              if page.curves_png else '<p class="muted">no training history</p>')
+    cases = "".join(render_case(c, vmax, page.before_label, page.after_label) for c in page.cases)
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(page.title)}</title>'
+            f'<style>{_CSS}</style></head><body><h1>{_e(page.title)}<span class="badge {"pass" if passed else "fail"}'
+            f'">gate {"PASSED" if passed else "FAILED"}</span></h1><div class="muted">MLflow run {_e(page.run_id)}'
+            f'</div>{render_gate(page.evaluation, page.gate_tags)}<h2>Training</h2>{curves}'
+            f'<h2>Where the teacher penalises the student</h2><p class="muted">Per token: log p_student(y) - '
+            f'log p_teacher(y) on held-out logged tokens, the same tokens before and after training; darker = larger '
+            f'penalty, hover a token for its value.</p>{_legend(vmax)}'
+            f'{cases or "<p class=muted>no held-out trajectories</p>"}</body></html>')
+
+
+# ---- I/O -------------------------------------------------------------------------------------------------
+def plot_training_curves(history: Sequence[Mapping[str, float]], out_png: Path) -> Path:
+    """A 2x2 PNG of the per-step training metrics (panels with nothing logged say so)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.4), dpi=100)
+    for ax, (title, keys) in zip(axes.flat, _CURVE_PANELS):
+        drawn = False
+        for key in keys:
+            pts = [(h["step"], h[key]) for h in history if isinstance(h.get(key), float | int)
+                   and math.isfinite(h[key])]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, ms=3, label=key)
+                drawn = True
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", color="#888", transform=ax.transAxes)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+def write_review(out_dir: Path, page: ReviewPage, history: Sequence[Mapping[str, float]]) -> Path:
+    """Write `out_dir/index.html` (self-contained) and `out_dir/training_curves.png`; returns `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = plot_training_curves(history, out_dir / CURVES_FILE).read_bytes() if history else None
+    (out_dir / REPORT_FILE).write_text(render_report(replace(page, curves_png=png)),
+                                       encoding="utf-8")
+    return out_dir
+
+
+def review_for_interval(cfg, start: datetime, end: datetime, run_id: str, evaluation: Mapping[str, Any],
+                        gate_tags: Mapping[str, str], *, n_cases: int = 4, max_tokens: int = 64) -> Path:
+    """Build `<runs_dir>/<interval>/review/` for a nightly run (models are loaded once, scoring only)."""
+    from model_runtime.models import load_model, load_tokenizer
+    from nightly_train import pipeline
+
+    key = pipeline.interval_key(start, end)
+    workdir = pipeline._workdir(cfg, key)
+    history_path = workdir / "train_history.json"
+    history = json.loads(history_path.read_text()) if history_path.exists() else []
+    _, heldout_ids = pipeline._manifest(cfg, key)
+    heldout = pipeline._store(cfg).load_scored(heldout_ids[:n_cases], cfg.teacher_id)
+    rows = [(t.trajectory_id, t.prompt_ids, t.completion_ids[:max_tokens]) for t in heldout]
+    champ_version = evaluation["champion"].get("version")
+    champ_dir = workdir / f"champion-v{champ_version}" if champ_version else None
+    if champ_dir is not None and not (champ_dir.is_dir() and any(champ_dir.iterdir())):
+        champ_dir = pipeline._champion(cfg, key)[1]
+    tok = load_tokenizer(cfg.student_dir)
+    with torch.no_grad():
+        cases = score_cases(pipeline._student_with_adapter(cfg.student_dir, champ_dir),
+                            pipeline._student_with_adapter(cfg.student_dir, workdir / "train" / "adapter"),
+                            load_model(cfg.teacher_dir), tok, rows)
+    before = f"champion v{champ_version}" if champ_version else "student base"
+    page = ReviewPage(f"Nightly candidate {key}", run_id, evaluation, gate_tags, cases, before, "candidate")
+    return write_review(workdir / "review", page, history)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from mlflow import MlflowClient
+
+    from nightly_train.pipeline import NightlyConfig, interval_key
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--start", required=True, type=datetime.fromisoformat)
+    p.add_argument("--end", required=True, type=datetime.fromisoformat)
+    p.add_argument("--run-id", required=True)
+    args = p.parse_args(argv)
+    cfg = NightlyConfig.load(args.config)
+    evaluation = json.loads((cfg.runs_dir / interval_key(args.start, args.end)
+                             / f"evaluation-{args.run_id}.json").read_text())
+    tags = MlflowClient(cfg.mlflow_tracking_uri).get_run(args.run_id).data.tags
+    print(review_for_interval(cfg, args.start, args.end, args.run_id, evaluation, tags) / REPORT_FILE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The reviewer's page as a browser shows it: rendered from tiny models, screenshotted by headless Chromium.
+
+Needs the Debian package `chromium` (/usr/bin/chromium); skips with that reason where it is absent.
+"""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_runtime.chat import user_prompt_ids
+from model_runtime.models import eos_token_ids, load_model, load_tokenizer
+from model_runtime.sampling import DecodeParams, sample
+from nightly_train.gate import GateInputs, GatePolicy, evaluate_gate
+from nightly_train.review import REPORT_FILE, ReviewPage, score_cases, write_review
+from serving.testing import make_adapter
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+CHROMIUM = Path("/usr/bin/chromium")
+DARK = (103, 0, 13)  # the darkest penalty colour
+
+
+def side(kl: float, strict: float, answer: str, version=None) -> dict:
+    ifeval = {"prompt_strict": strict, "prompt_loose": strict + 0.05, "instruction_strict": strict + 0.1,
+              "instruction_loose": strict + 0.12}
+    distill = {"reverse_kl": kl, "reverse_kl_se": 0.08, "forward_kl": kl * 2, "forward_kl_se": 0.2,
+               "distinct_2": 0.7, "n_tokens": 512.0, "greedy_answer": answer}
+    return {"ifeval": ifeval, "distill": distill, "version": version}
+
+
+@pytest.fixture(scope="module")
+def report(tiny_models, tmp_path_factory) -> Path:
+    """A page for a random 'candidate' adapter vs the tiny student base, on the student's own samples."""
+    teacher_dir, student_dir = tiny_models
+    tmp = tmp_path_factory.mktemp("review")
+    tok = load_tokenizer(student_dir)
+    teacher, base = load_model(teacher_dir), load_model(student_dir)
+    from peft import PeftModel
+
+    candidate = PeftModel.from_pretrained(load_model(student_dir), make_adapter(student_dir, tmp / "a", seed=3,
+                                                                               scale=0.3)).eval()
+    prompts = [user_prompt_ids(tok, t) for t in ("Write a poem about the sea.", "List two colors <b>& one</b> animal.",
+                                                 "Explain a neural network in lowercase.")]
+    params = [DecodeParams(max_tokens=40, temperature=1.0, seed=i) for i in range(len(prompts))]
+    with torch.no_grad():
+        samples = sample(base, prompts, params, eos_ids=eos_token_ids(tok, base), pad_id=tok.pad_token_id)
+    rows = [(f"traj-{i}", p, s.completion_ids) for i, (p, s) in enumerate(zip(prompts, samples))]
+    cases = score_cases(base, candidate, teacher, tok, rows)
+    tags = evaluate_gate(GatePolicy(min_prompts=2), GateInputs(
+        [True, True, False], [True, False, False], candidate_kl=0.91, champion_kl=1.37,
+        reference="base:tiny")).to_tags()
+    evaluation = {"candidate": side(0.91, 0.42, "The sea <is> wide & deep."), "champion": side(1.37, 0.4, "sea sea"),
+                  "reference": "base:tiny"}
+    history = [{"step": s, "loss": 0.8 / s + 0.05, "sampled_reverse_kl": 1.4 / s ** 0.5, "advantage_mean": -0.5 / s,
+                "ratio_mean": 1.0 + 0.02 / s, "ratio_max": 1.3 - 0.02 * s, "clipped_fraction": 0.1 / s}
+               for s in range(1, 13)]
+    page = ReviewPage("Nightly candidate 20261124T020000Z-20261125T020000Z", "0123abcd", evaluation, tags, cases,
+                      "student base", "candidate")
+    return write_review(tmp / "review", page, history) / REPORT_FILE
+
+
+def screenshot(page: Path, out: Path, profile: Path) -> Path:
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", f"--screenshot={out}", "--window-size=1280,2000", page.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-2000:]
+    return out
+
+
+def test_chromium_renders_the_page_with_a_heatmap(report, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is absent: apt-get install -y chromium")
+    from PIL import Image
+
+    png = screenshot(report, tmp_path / "page.png", tmp_path / "profile")
+    image = Image.open(png).convert("RGB")
+    assert image.size == (1280, 2000)
+    pixels = list(image.getdata())
+    assert len(set(pixels)) > 500  # text, table, curves and heatmap, not a blank or error page
+    near_dark = sum(1 for p in pixels if sum(abs(a - b) for a, b in zip(p, DARK)) < 40)
+    assert near_dark > 200  # at least a few darkest-penalty token boxes are on screen
+    white = sum(1 for p in pixels if p == (255, 255, 255) or p == (250, 250, 250))
+    assert white < 0.9 * len(pixels)

@@ -1,0 +1,136 @@
+"""The reviewer's page: penalties from the shared scorer, the colour scale, escaping, and the files it writes."""
+
+import html
+import math
+import re
+
+import pytest
+import torch
+
+from model_runtime.logprobs import completion_logprobs
+from model_runtime.models import load_model, load_tokenizer
+from nightly_train.gate import GateInputs, GatePolicy, evaluate_gate
+from nightly_train.review import (
+    CURVES_FILE,
+    REPORT_FILE,
+    PenaltyCase,
+    ReviewPage,
+    gate_checks,
+    penalty_colour,
+    penalty_scale,
+    plot_training_curves,
+    render_report,
+    render_tokens,
+    score_cases,
+    token_penalties,
+    token_texts,
+    write_review,
+)
+
+NASTY = "<script>alert('x')</script> & \"q\""
+
+
+def side(kl: float, strict: float, answer: str, version=None) -> dict:
+    ifeval = {"prompt_strict": strict, "prompt_loose": strict, "instruction_strict": strict,
+              "instruction_loose": strict}
+    distill = {"reverse_kl": kl, "reverse_kl_se": 0.1, "forward_kl": kl + 1, "forward_kl_se": 0.2,
+               "distinct_2": 0.8, "n_tokens": 64.0, "greedy_answer": answer}
+    return {"ifeval": ifeval, "distill": distill, "version": version}
+
+
+EVALUATION = {"candidate": side(0.8, 0.5, NASTY), "champion": side(1.2, 0.5, "plain", "3"), "reference": "champion:v3"}
+
+
+def gate_tags() -> dict[str, str]:
+    decision = evaluate_gate(GatePolicy(min_prompts=2), GateInputs(
+        [True, False], [True, False], candidate_kl=0.8, champion_kl=1.2, reference="champion:v3"))
+    return decision.to_tags()
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    teacher_dir, student_dir = tiny_models
+    return load_model(teacher_dir), load_model(student_dir), load_tokenizer(student_dir)
+
+
+@pytest.fixture(scope="module")
+def cases(models):
+    teacher, student, tok = models
+    ids = [tok.encode(t) for t in ("Write a poem about the sea.", "Answer in JSON <b>&amp;</b> format.")]
+    rows = [("t-1", ids[0], ids[1][:6]), ("t-2", ids[1], ids[0][:9])]
+    return score_cases(student, teacher, teacher, tok, rows)
+
+
+def test_token_penalty_is_student_minus_teacher_logprob():
+    assert token_penalties([-1.0, -0.5, -3.0], [-2.0, -0.5, -1.0]) == [1.0, 0.0, -2.0]
+    with pytest.raises(ValueError):
+        token_penalties([-1.0], [-1.0, -2.0])
+
+
+def test_cases_match_the_shared_scorer_and_vanish_when_after_is_the_teacher(cases, models):
+    teacher, student, tok = models
+    case = cases[1]
+    want_C = (completion_logprobs(student, [tok.encode("Answer in JSON <b>&amp;</b> format.")], [list(case.token_ids)],
+                                  tok.pad_token_id)[0].logprobs_C
+              - completion_logprobs(teacher, [tok.encode("Answer in JSON <b>&amp;</b> format.")],
+                                    [list(case.token_ids)], tok.pad_token_id)[0].logprobs_C)
+    assert torch.allclose(torch.tensor(case.before_penalty), want_C, atol=1e-5)
+    assert max(abs(p) for p in case.before_penalty) > 1e-3  # the student with a layer dropped differs
+    assert all(abs(p) < 1e-5 for c in cases for p in c.after_penalty)  # "after" = teacher: no penalty
+    assert [len(c.token_texts) for c in cases] == [6, 9]
+    assert "".join(token_texts(tok, case.token_ids)) == tok.decode(list(case.token_ids))
+
+
+def test_colour_darkens_monotonically_with_penalty_and_saturates():
+    def lum(rgb):
+        return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+    values = [-1.0, 0.0, 0.1, 0.5, 1.0, 1.5, 2.0, 5.0]
+    lums = [lum(penalty_colour(v, vmax=2.0)) for v in values]
+    assert all(a >= b for a, b in zip(lums, lums[1:]))
+    assert lums[2] > lums[3] > lums[4] > lums[6]  # strictly darker inside the scale
+    assert penalty_colour(-1.0, 2.0) == penalty_colour(0.0, 2.0) == (255, 255, 255)
+    assert penalty_colour(5.0, 2.0) == penalty_colour(2.0, 2.0) != penalty_colour(1.9, 2.0)
+    assert penalty_colour(float("nan"), 2.0) == (255, 255, 255)
+
+
+def test_token_text_is_escaped_and_round_trips_through_the_tooltip_span():
+    out = render_tokens([NASTY, "a\nb", ""], [3.0, 0.5, 0.0], vmax=2.0)
+    assert "<script>" not in out and "alert('x')" not in out
+    spans = re.findall(r'<span class="tok" style="([^"]*)" title="([^"]*)">([^<]*)</span>', out)
+    assert len(spans) == 3
+    assert html.unescape(spans[0][2]) == NASTY
+    assert "rgb(103,0,13)" in spans[0][0] and "penalty +3.000" in spans[0][1]
+    assert html.unescape(spans[1][2]) == "a\u21b5\nb"  # newline visible as a mark, kept as a line break
+
+
+def test_report_has_both_sides_gate_table_and_escaped_answers(cases):
+    page = ReviewPage("Nightly <candidate>", "run-1", EVALUATION, gate_tags(), cases, "champion v3", "candidate")
+    out = render_report(page)
+    assert "<candidate>" not in out and "Nightly &lt;candidate&gt;" in out
+    assert "<script>" not in out and html.escape(NASTY) in out
+    n_tokens = sum(len(c.token_ids) for c in cases)
+    assert out.count('class="tok"') == 2 * n_tokens
+    assert out.count("before: champion v3") == out.count("after: candidate") == len(cases)
+    assert [(n, ok) for n, ok, _ in gate_checks(gate_tags())] == [
+        ("ifeval", True), ("kl", True), ("finite", True), ("adapter", True)]
+    assert "gate PASSED" in out and 'class="better"' in out  # candidate's lower reverse KL is marked better
+    assert math.isfinite(penalty_scale(cases)) and penalty_scale(cases) > 0
+
+
+def test_curves_png_and_self_contained_page_are_written(tmp_path, cases):
+    history = [{"step": s, "loss": 1.0 / s, "sampled_reverse_kl": 2.0 / s, "advantage_mean": -0.1 * s,
+                "ratio_mean": 1.0, "ratio_max": 1.0 + 0.01 * s, "clipped_fraction": 0.0, "topk_loss": float("nan")}
+               for s in range(1, 6)]
+    png = plot_training_curves(history, tmp_path / "c.png")
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(png)
+    assert len({tuple(p) for p in pixels.reshape(-1, pixels.shape[-1])[::97].tolist()}) > 20
+    out = write_review(tmp_path / "review", ReviewPage("t", "r", EVALUATION, gate_tags(), cases, "base", "cand"),
+                       history)
+    assert (out / CURVES_FILE).stat().st_size > 10_000
+    page = (out / REPORT_FILE).read_text()
+    assert "data:image/png;base64," in page and 'src="http' not in page and "<link" not in page
