@@ -97,6 +97,17 @@ def wait_until(predicate, what: str, timeout_s: float, progress: Progress, every
     raise ShadowDistillError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+def _dag_progress(line: str, progress: Progress) -> str | None:
+    """Show task starts and short-circuits; return the run's final state when this line reports it."""
+    if m := re.search(r"\[DAG TEST\] starting task_id=(\w+)", line):
+        progress.note(f"DAG task {m.group(1)} ...")
+    elif "Skipping downstream tasks" in line and "short_circuit" in line:
+        progress.note("DAG short-circuited: downstream tasks skipped")
+    elif m := re.search(r"DagRun Finished: .* state=(\w+)", line):
+        return m.group(1)
+    return None
+
+
 def run_airflow_dag(workdir: Path, cfg_path: Path, start: datetime, end: datetime, progress: Progress) -> None:
     from shadow_distill.stack import BIN, airflow_env
 
@@ -111,14 +122,14 @@ def run_airflow_dag(workdir: Path, cfg_path: Path, start: datetime, end: datetim
     final_state = None
     with open(log_path, "w") as log, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                       text=True) as proc:
-        for line in proc.stdout:
-            log.write(line)
-            if m := re.search(r"\[DAG TEST\] starting task_id=(\w+)", line):
-                progress.note(f"DAG task {m.group(1)} ...")
-            elif "Skipping downstream tasks" in line and "short_circuit" in line:
-                progress.note("DAG short-circuited: downstream tasks skipped")
-            elif m := re.search(r"DagRun Finished: .* state=(\w+)", line):
-                final_state = m.group(1)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                final_state = _dag_progress(line, progress) or final_state
+        except BaseException:  # Ctrl-C or an error: stop Airflow too, or Popen's exit would wait for it
+            proc.terminate()
+            proc.wait(30)
+            raise
         if proc.wait() != 0 or final_state != "success":
             raise ShadowDistillError(f"airflow dags test ended with exit code {proc.returncode}, run state "
                                      f"{final_state}; see {log_path}")
