@@ -59,6 +59,11 @@ def _utc(dt: datetime) -> datetime:
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
+def _review_text(text: str | None) -> str | None:
+    """Texts are for reviewers only (training reads token ids); PostgreSQL refuses NUL, so it is replaced."""
+    return None if text is None else text.replace("\x00", "\ufffd")
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -126,8 +131,8 @@ class FeatureStore:
             "seed": sp.seed, "logprob_kind": t.logprob_kind, "finish_reason": t.finish_reason,
             "n_prompt_tokens": len(t.prompt_token_ids), "n_completion_tokens": len(t.completion_token_ids),
             "prompt_token_ids": pack_ids(t.prompt_token_ids), "completion_token_ids": pack_ids(t.completion_token_ids),
-            "behaviour_logprobs": pack_floats(t.behaviour_logprobs), "prompt_text": t.prompt_text,
-            "completion_text": t.completion_text, "schema_version": t.schema_version,
+            "behaviour_logprobs": pack_floats(t.behaviour_logprobs), "prompt_text": _review_text(t.prompt_text),
+            "completion_text": _review_text(t.completion_text), "schema_version": t.schema_version,
         }
 
     # ---- reads ------------------------------------------------------------------------------------------

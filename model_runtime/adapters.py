@@ -43,6 +43,8 @@ def save_adapter(peft_model, out: Path, base_model_id: str) -> Path:
 def check_adapter_dir(folder: Path, base_model_id: str, *, rank: int | None = None,
                       root: Path | None = None) -> AdapterMeta:
     """Refuse an adapter folder that is unsafe or does not fit; return its metadata when it does."""
+    if "\x00" in str(folder):
+        raise AdapterError("adapter path contains a NUL byte")
     folder = Path(folder)
     if root is not None:
         resolved, root_resolved = folder.resolve(), Path(root).resolve()
@@ -50,6 +52,9 @@ def check_adapter_dir(folder: Path, base_model_id: str, *, rank: int | None = No
             raise AdapterError(f"adapter path {folder} escapes its root {root}")
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {folder} does not exist")
+    links = sorted(p.name for p in folder.iterdir() if p.is_symlink())
+    if links:
+        raise AdapterError(f"adapter {folder} holds symbolic links {links}; copy the files in instead")
     names = {p.name for p in folder.iterdir()}
     unexpected = sorted(names - ALLOWED_FILES)
     if unexpected:

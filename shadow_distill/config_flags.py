@@ -33,4 +33,6 @@ def model_from_args(model: type[M], args: argparse.Namespace) -> M:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"--{field.replace('_', '-')}: {first['msg']} (got {first.get('input')!r})") from exc
+        secret = any(w in field for w in ("key", "token", "secret", "password"))
+        shown = "<hidden>" if secret else repr(first.get("input"))
+        raise ConfigError(f"--{field.replace('_', '-')}: {first['msg']} (got {shown})") from None

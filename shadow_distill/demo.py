@@ -65,7 +65,7 @@ def write_nightly_config(folder: Path, store_url: str, mlflow_uri: str, teacher_
         "eval": {**(small if tiny else {}), **(eval_overrides or {})},
         # Tiny random models give a KL meter far noisier than SmolLM2's at 4 prompts: the smoke test checks the
         # loop's mechanics, so its KL rule tolerates noise (kl_margin); the real demo keeps the strict default.
-        "gate": {"min_prompts": 8, "kl_margin": 0.5} if tiny else {},
+        "gate": {"min_prompts": 8, "kl_margin": 5.0} if tiny else {},
     }
     path = folder / "nightly.json"
     path.write_text(json.dumps(cfg, indent=1))
