@@ -15,6 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -46,7 +47,7 @@ class TrajectoryRow(Base):
     top_p: Mapped[float] = mapped_column(Float)
     top_k: Mapped[int] = mapped_column(Integer)
     max_tokens: Mapped[int] = mapped_column(Integer)
-    seed: Mapped[int | None] = mapped_column(Integer)
+    seed: Mapped[int | None] = mapped_column(BigInteger)  # serving draws 62-bit seeds
     logprob_kind: Mapped[str] = mapped_column(String(16))
     finish_reason: Mapped[str] = mapped_column(String(16))
     n_prompt_tokens: Mapped[int] = mapped_column(Integer)

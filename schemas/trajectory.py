@@ -42,7 +42,7 @@ class SamplingParams(BaseModel):
     top_p: float = Field(gt=0.0, le=1.0)
     top_k: int = Field(ge=0)
     max_tokens: int = Field(ge=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
 
     @property
     def is_untruncated_temperature_one(self) -> bool:

@@ -132,7 +132,8 @@ def next_offsets(records: Sequence[ConsumerRecord]) -> dict[TopicPartition, int]
 
 def dead_letter_headers(rec: ConsumerRecord, exc: Exception) -> list[tuple[str, bytes]]:
     """The original headers plus where the message came from and why it can never be scored."""
-    detail = str(getattr(exc, "orig", None) or exc)  # a database error's own message, not the SQL and blobs
+    # A database error's own first line: not the SQL, and not its DETAIL line, which echoes the row (user text).
+    detail = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__
     return list(rec.headers or []) + [
         ("x-error", detail[:1000].encode()),
         ("x-error-type", type(exc).__name__.encode()),

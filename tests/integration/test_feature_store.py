@@ -152,3 +152,11 @@ def test_reads_check_stored_lengths(store):
         s.execute(update(TeacherScoreRow).where(TeacherScoreRow.trajectory_id == "t002").values(n_tokens=4))
     with pytest.raises(StoreError, match="teacher scored 4 tokens, trajectory has 3"):
         store.load_scored(["t002"], TEACHER)
+
+
+def test_serving_sized_seeds_and_nul_texts_are_stored(store):
+    """Serving draws 62-bit seeds and users can type NUL: neither may make the database refuse a trajectory."""
+    t = _traj(9, 0).model_copy(update={"prompt_text": "a\x00b"})
+    t = t.model_copy(update={"sampling": t.sampling.model_copy(update={"seed": 2**62 + 5})})
+    assert store.ingest_scored([(t, _scores(t))], TEACHER) == 1
+    assert store.load_scored([t.trajectory_id], TEACHER)[0].sampling.seed == 2**62 + 5

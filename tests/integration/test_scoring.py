@@ -254,19 +254,22 @@ def test_database_down_pauses_commits_nothing_and_resumes(kafka_broker, pg_url, 
 def test_a_row_the_database_refuses_is_dead_lettered_not_retried(kafka_broker, pg_url, tiny_models, teacher):
     topic, dlq = _topics(kafka_broker.bootstrap)
     trajs = _trajectories(5, teacher.vocab_size, seed=6)
-    trajs[2] = trajs[2].model_copy(update={"prompt_text": "a\x00b"})  # valid JSON; PostgreSQL text refuses NUL
+    trajs[2] = trajs[2].model_copy(update={"request_id": "refused-by-the-database"})
     _produce(kafka_broker.bootstrap, topic, [(t.key, t.to_bytes()) for t in trajs])
     cfg = _config(kafka_broker.bootstrap, topic, dlq, pg_url, tiny_models[0])
     store = FeatureStore.open(pg_url)
+    with store.engine.begin() as conn:  # a valid message the database still refuses (an operator's constraint)
+        conn.exec_driver_sql("ALTER TABLE trajectories ADD CONSTRAINT test_refuse "
+                             "CHECK (request_id <> 'refused-by-the-database')")
     with ScoringService(cfg, teacher, store) as service:
         _step_until(service, lambda: service.stats()["messages_scored"] + service.stats()["dead_lettered"] == 5)
         stats = service.stats()
-    assert stats["dead_lettered_by_reason"] == {"DataError": 1} and stats["retries"] == 0
+    assert stats["dead_lettered_by_reason"] == {"IntegrityError": 1} and stats["retries"] == 0
     assert sorted(store.scored_ids(teacher.teacher_id)) == sorted(t.trajectory_id for i, t in enumerate(trajs)
                                                                   if i != 2)
     [dead] = _read_dead_letters(kafka_broker.bootstrap, dlq, 1)
     headers = dict(dead.headers)
-    assert dead.key == trajs[2].key and b"NUL" in headers["x-error"] and len(headers["x-error"]) < 300
+    assert dead.key == trajs[2].key and b"test_refuse" in headers["x-error"] and len(headers["x-error"]) < 300
     store.engine.dispose()
 
 
