@@ -24,6 +24,7 @@ def test_relative_and_absolute_times():
 ])
 def test_user_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("SHADOW_DISTILL_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # relative sqlite URLs land in the test's folder, never in the checkout
     monkeypatch.delenv("SHADOW_DISTILL_MLFLOW_URI", raising=False)
     if argv[0] == "models":  # an explicit layer list is parsed before any model is loaded
         from shadow_distill.models_setup import prepare_layers
