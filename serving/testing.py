@@ -55,3 +55,23 @@ def wait_logged(sink, where: Callable[[Any], bool], n: int = 1, timeout_s: float
         if len(found) >= n or time.monotonic() > deadline:
             return found
         time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def embedded_server(config, *, admin_token: str, adapters_root: Path | None = None) -> Iterator[Any]:
+    """A live embedded server on 127.0.0.1 (one torch thread, MemorySink) with `.engine`, `.sink`, `.root` set."""
+    from serving.api_server import BackgroundServer, build_app
+    from serving.engine import EmbeddedEngine
+    from serving.trajectories import MemorySink
+
+    with torch_threads(1):
+        engine = EmbeddedEngine.from_dir(config.model_dir, "cpu", max_batch_size=8, batch_wait_ms=2)
+        sink = MemorySink()
+        try:
+            with BackgroundServer(build_app(config, engine, sink=sink, admin_token=admin_token,
+                                            caller_salt="s")) as srv:
+                srv.engine, srv.sink, srv.root = engine, sink, adapters_root
+                yield srv
+        finally:
+            engine.close()
+

@@ -16,8 +16,7 @@ from serving.adapter_watcher import AdapterWatcher
 from serving.api_server import BackgroundServer, build_app
 from serving.config import ServingConfig
 from serving.engine import EmbeddedEngine
-from serving.testing import make_adapter, torch_threads, wait_logged
-from serving.trajectories import MemorySink
+from serving.testing import embedded_server, make_adapter, torch_threads, wait_logged
 
 pytestmark = pytest.mark.integration
 
@@ -49,13 +48,8 @@ def server(tiny_models, adapters):
     student = tiny_models[1]
     config = ServingConfig(model_dir=student, adapters_root=root, lora_rank=RANK, max_tokens_limit=64,
                            default_max_tokens=16)
-    with torch_threads(1):
-        engine = EmbeddedEngine.from_dir(student, "cpu", max_batch_size=8, batch_wait_ms=2)
-        sink = MemorySink()
-        with BackgroundServer(build_app(config, engine, sink=sink, admin_token=ADMIN, caller_salt="s")) as srv:
-            srv.engine, srv.sink, srv.root = engine, sink, root
-            yield srv
-        engine.close()
+    with embedded_server(config, admin_token=ADMIN, adapters_root=root) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,8 @@ from model_runtime.chat import chat_prompt_ids
 from model_runtime.sampling import DecodeParams
 from serving.api_server import BackgroundServer, build_app
 from serving.config import ServingConfig
-from serving.engine import EmbeddedEngine
 from serving.engine_base import AdapterInfo, RowRequest
-from serving.testing import make_adapter, torch_threads, wait_logged
+from serving.testing import embedded_server, make_adapter, torch_threads, wait_logged
 from serving.trajectories import MemorySink
 from serving.vllm_engine import VLLMEngine
 
@@ -37,12 +36,8 @@ def upstream(tiny_models, tmp_path_factory):
     with torch_threads(1):
         for v in ("1", "2"):
             make_adapter(student, root / f"v{v}", seed=int(v))
-        engine = EmbeddedEngine.from_dir(student, "cpu", max_batch_size=8, batch_wait_ms=2)
-        sink = MemorySink()
-        with BackgroundServer(build_app(config, engine, sink=sink, admin_token=ADMIN, caller_salt="s")) as srv:
-            srv.engine, srv.sink, srv.root = engine, sink, root
-            yield srv
-        engine.close()
+    with embedded_server(config, admin_token=ADMIN, adapters_root=root) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
