@@ -11,6 +11,7 @@ order without Airflow. Every function takes the `NightlyConfig` and the interval
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -71,6 +72,8 @@ class NightlyConfig(BaseModel):
     coverage_threshold: float = Field(0.99, gt=0.0, le=1.0, description="Scored fraction to wait for.")
     min_trajectories: int = Field(8, ge=1, description="Fewer scored trajectories than this: skip the night.")
     heldout_percent: int = Field(20, ge=1, le=90, description="Share of trajectories held out, by id hash.")
+    min_heldout: int = Field(2, ge=1, description="Held-out trajectories kept even when the share rounds lower "
+                                                  "(the KL gate needs at least 2 to compare).")
     retention_days: int = Field(30, ge=1, description="Trajectories older than this are purged.")
     notify_webhook: str | None = Field(None, description="POSTed a JSON summary after registration.")
     train: dict[str, Any] = Field(default_factory=dict,
@@ -92,16 +95,22 @@ def interval_key(start: datetime, end: datetime) -> str:
     return f"{start.astimezone(UTC):%Y%m%dT%H%M%SZ}-{end.astimezone(UTC):%Y%m%dT%H%M%SZ}"
 
 
-def _workdir(cfg: NightlyConfig, key: str) -> Path:
+def workdir_for(cfg: NightlyConfig, key: str) -> Path:
     path = cfg.runs_dir / key
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _store(cfg: NightlyConfig):
+def store_for(cfg: NightlyConfig):
+    return _open_store(cfg.store_url)
+
+
+@functools.cache
+def _open_store(url: str):
+    """One store (engine pool, migrations applied) per URL and process, not one per call or sensor poke."""
     from feature_store import FeatureStore
 
-    return FeatureStore.open(cfg.store_url)
+    return FeatureStore.open(url)
 
 
 def _registry(cfg: NightlyConfig):
@@ -110,33 +119,38 @@ def _registry(cfg: NightlyConfig):
     return Registry(cfg.mlflow_tracking_uri, cfg.registered_model())
 
 
-def _is_heldout(trajectory_id: str, percent: int) -> bool:
-    return int(hashlib.sha256(trajectory_id.encode()).hexdigest()[:8], 16) % 100 < percent
+def split_heldout(trajectory_ids: list[str], percent: int, minimum: int) -> tuple[list[str], list[str]]:
+    """(train_ids, heldout_ids): the `percent` share (at least `minimum`, always leaving one to train on) whose
+    id hashes rank lowest. Ranking, not a per-id threshold, so a small window can never hold out fewer than
+    `minimum` by bad luck, and the split depends only on the set of ids, never on their order."""
+    ranked = sorted(trajectory_ids, key=lambda i: hashlib.sha256(i.encode()).digest())
+    n_heldout = min(max(minimum, round(len(ranked) * percent / 100)), len(ranked) - 1)
+    heldout = set(ranked[:max(n_heldout, 0)])
+    return [i for i in trajectory_ids if i not in heldout], [i for i in trajectory_ids if i in heldout]
 
 
 # ---- tasks ----------------------------------------------------------------------------------------------------
 def coverage(cfg: NightlyConfig, start: datetime, end: datetime) -> float:
-    return _store(cfg).coverage(cfg.teacher_id, start, end)
+    return store_for(cfg).coverage(cfg.teacher_id, start, end)
 
 
 def enough_traffic(cfg: NightlyConfig, start: datetime, end: datetime) -> bool:
-    n = _store(cfg).count_scored(cfg.teacher_id, start, end)
+    n = store_for(cfg).count_scored(cfg.teacher_id, start, end)
     log.info("interval %s has %d scored trajectories (minimum %d)", interval_key(start, end), n, cfg.min_trajectories)
     return n >= cfg.min_trajectories
 
 
 def snapshot(cfg: NightlyConfig, start: datetime, end: datetime) -> dict:
     """Freeze the interval's train/held-out ids (split by id hash, so it never depends on arrival order)."""
-    store, key = _store(cfg), interval_key(start, end)
+    store, key = store_for(cfg), interval_key(start, end)
     ids = store.scored_ids(cfg.teacher_id, start, end)
-    train_ids = [i for i in ids if not _is_heldout(i, cfg.heldout_percent)]
-    heldout_ids = [i for i in ids if _is_heldout(i, cfg.heldout_percent)]
+    train_ids, heldout_ids = split_heldout(ids, cfg.heldout_percent, cfg.min_heldout)
     row = store.freeze_manifest(key, start, end, cfg.teacher_id, train_ids, heldout_ids)
     return {"interval_key": key, "n_train": row.n_train, "n_heldout": row.n_heldout}
 
 
-def _manifest(cfg: NightlyConfig, key: str) -> tuple[list[str], list[str]]:
-    row = _store(cfg).get_manifest(key)
+def manifest(cfg: NightlyConfig, key: str) -> tuple[list[str], list[str]]:
+    row = store_for(cfg).get_manifest(key)
     if row is None:
         from shadow_distill.errors import StoreError
 
@@ -144,15 +158,16 @@ def _manifest(cfg: NightlyConfig, key: str) -> tuple[list[str], list[str]]:
     return json.loads(row.train_ids_json), json.loads(row.heldout_ids_json)
 
 
-def _champion(cfg: NightlyConfig, key: str) -> tuple[str | None, Path | None]:
+def champion_adapter(cfg: NightlyConfig, key: str) -> tuple[str | None, Path | None]:
     """(version, local adapter dir) of the current champion, or (None, None) for the bare student."""
-    champ = _registry(cfg).champion()
+    registry = _registry(cfg)
+    champ = registry.champion()
     if champ is None:
         return None, None
-    dst = _workdir(cfg, key) / f"champion-v{champ.version}"
+    dst = workdir_for(cfg, key) / f"champion-v{champ.version}"
     if dst.is_dir() and any(dst.iterdir()):  # an earlier task of this night downloaded it (atomic rename)
         return champ.version, dst
-    return champ.version, _registry(cfg).download_adapter(champ.version, dst)
+    return champ.version, registry.download_adapter(champ.version, dst)
 
 
 def _finished_run(cfg: NightlyConfig, key: str):
@@ -169,7 +184,6 @@ def _finished_run(cfg: NightlyConfig, key: str):
 
 def train(cfg: NightlyConfig, start: datetime, end: datetime) -> dict:
     """Train the interval's candidate from the current champion; reuse a finished run of the same interval."""
-    import mlflow
     from mlflow import MlflowClient
 
     from nightly_train.data import build_examples
@@ -181,13 +195,13 @@ def train(cfg: NightlyConfig, start: datetime, end: datetime) -> dict:
         log.info("interval %s already trained in run %s: reusing it", key, done.info.run_id)
         return {"run_id": done.info.run_id, "steps": int(done.data.params.get("total_steps", 0)),
                 "champion_version": done.data.tags.get("champion_version") or None}
-    train_ids, _ = _manifest(cfg, key)
-    champ_version, champ_dir = _champion(cfg, key)
-    workdir = _workdir(cfg, key)
+    train_ids, _ = manifest(cfg, key)
+    champ_version, champ_dir = champion_adapter(cfg, key)
+    workdir = workdir_for(cfg, key)
     tcfg = TrainConfig(**{**cfg.train, "student_dir": cfg.student_dir, "teacher_id": cfg.teacher_id,
                           "teacher_dir": cfg.teacher_dir, "init_adapter": champ_dir,
                           "current_version": int(champ_version or 0), "output_dir": workdir / "train"})
-    trajectories = _store(cfg).load_scored(train_ids[-tcfg.max_trajectories:], cfg.teacher_id)
+    trajectories = store_for(cfg).load_scored(train_ids[-tcfg.max_trajectories:], cfg.teacher_id)
     examples, report = build_examples(trajectories, tcfg)
     client = MlflowClient(cfg.mlflow_tracking_uri)
     exp = client.get_experiment_by_name(cfg.experiment)
@@ -231,18 +245,18 @@ def evaluate(cfg: NightlyConfig, start: datetime, end: datetime, run_id: str) ->
     from schemas.trajectory import SamplingParams
 
     key = interval_key(start, end)
-    workdir = _workdir(cfg, key)
+    workdir = workdir_for(cfg, key)
     out_path = workdir / f"evaluation-{run_id}.json"
     if out_path.exists():
         return json.loads(out_path.read_text())
-    _, heldout_ids = _manifest(cfg, key)
-    heldout = _store(cfg).load_scored(heldout_ids, cfg.teacher_id)
+    _, heldout_ids = manifest(cfg, key)
+    heldout = store_for(cfg).load_scored(heldout_ids, cfg.teacher_id)
     prompts = [t.prompt_ids for t in heldout][: cfg.eval.kl_prompts]
     if len(prompts) < 2:
         from shadow_distill.errors import GateError
 
         raise GateError(f"interval {key} has {len(prompts)} held-out trajectories; the KL gate needs at least 2")
-    champ_version, champ_dir = _champion(cfg, key)
+    champ_version, champ_dir = champion_adapter(cfg, key)
     cand_dir = workdir / "train" / "adapter"
     tok = load_tokenizer(cfg.student_dir)
     teacher = load_model(cfg.teacher_dir)
@@ -251,7 +265,7 @@ def evaluate(cfg: NightlyConfig, start: datetime, end: datetime, run_id: str) ->
     cache = ifeval.ResultCache(cfg.runs_dir / "ifeval-cache")
     results = {}
     for side, adapter, version in (("champion", champ_dir, champ_version), ("candidate", cand_dir, None)):
-        model = _student_with_adapter(cfg.student_dir, adapter)
+        model = student_with_adapter(cfg.student_dir, adapter)
         gen = greedy_generate_fn(model, tok, cfg.eval.ifeval_max_tokens)
         cache_key = f"v{version}" if version else ("base" if side == "champion" else None)
         if cache_key:
@@ -277,7 +291,7 @@ def evaluate(cfg: NightlyConfig, start: datetime, end: datetime, run_id: str) ->
     return results
 
 
-def _student_with_adapter(student_dir: Path, adapter_dir: Path | None):
+def student_with_adapter(student_dir: Path, adapter_dir: Path | None):
     from peft import PeftModel
 
     from model_runtime.models import load_model
@@ -297,7 +311,7 @@ def gate(cfg: NightlyConfig, start: datetime, end: datetime, run_id: str, evalua
     from nightly_train.ifeval import IFEvalResult
     from shadow_distill.errors import AdapterError
 
-    cand_dir = _workdir(cfg, interval_key(start, end)) / "train" / "adapter"
+    cand_dir = workdir_for(cfg, interval_key(start, end)) / "train" / "adapter"
     adapter_error = None
     try:
         check_adapter_dir(cand_dir, ModelMeta.read(cfg.student_dir).model_id)
@@ -340,7 +354,7 @@ def register(cfg: NightlyConfig, start: datetime, end: datetime, run_id: str, ga
             "data.window_end": end.astimezone(UTC).isoformat(), "data.trajectory_count": str(n_trajectories),
             "teacher_id": cfg.teacher_id, "code_version": code_version}
     info = _registry(cfg).register_candidate(run_id, tags=tags, gate_passed=gate_result["passed"], interval_key=key)
-    _store(cfg).record_adapter_version(
+    store_for(cfg).record_adapter_version(
         model_name=cfg.registered_model(), version=str(info.version), run_id=run_id, source_uri=info.source,
         window_start=start, window_end=end, trajectory_count=n_trajectories, gate_passed=gate_result["passed"])
     return {"version": str(info.version), "gate_passed": gate_result["passed"]}
@@ -355,7 +369,7 @@ def notify(cfg: NightlyConfig, summary: dict) -> None:
 
 
 def purge(cfg: NightlyConfig, now: datetime) -> int:
-    n = _store(cfg).purge(now - timedelta(days=cfg.retention_days))
+    n = store_for(cfg).purge(now - timedelta(days=cfg.retention_days))
     log.info("purged %d trajectories older than %d days", n, cfg.retention_days)
     return n
 

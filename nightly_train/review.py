@@ -285,20 +285,20 @@ def review_for_interval(cfg, start: datetime, end: datetime, run_id: str, evalua
     from nightly_train import pipeline
 
     key = pipeline.interval_key(start, end)
-    workdir = pipeline._workdir(cfg, key)
+    workdir = pipeline.workdir_for(cfg, key)
     history_path = workdir / "train_history.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else []
-    _, heldout_ids = pipeline._manifest(cfg, key)
-    heldout = pipeline._store(cfg).load_scored(heldout_ids[:n_cases], cfg.teacher_id)
+    _, heldout_ids = pipeline.manifest(cfg, key)
+    heldout = pipeline.store_for(cfg).load_scored(heldout_ids[:n_cases], cfg.teacher_id)
     rows = [(t.trajectory_id, t.prompt_ids, t.completion_ids[:max_tokens]) for t in heldout]
     champ_version = evaluation["champion"].get("version")
     champ_dir = workdir / f"champion-v{champ_version}" if champ_version else None
     if champ_dir is not None and not (champ_dir.is_dir() and any(champ_dir.iterdir())):
-        champ_dir = pipeline._champion(cfg, key)[1]
+        champ_dir = pipeline.champion_adapter(cfg, key)[1]
     tok = load_tokenizer(cfg.student_dir)
     with torch.no_grad():
-        cases = score_cases(pipeline._student_with_adapter(cfg.student_dir, champ_dir),
-                            pipeline._student_with_adapter(cfg.student_dir, workdir / "train" / "adapter"),
+        cases = score_cases(pipeline.student_with_adapter(cfg.student_dir, champ_dir),
+                            pipeline.student_with_adapter(cfg.student_dir, workdir / "train" / "adapter"),
                             load_model(cfg.teacher_dir), tok, rows)
     before = f"champion v{champ_version}" if champ_version else "student base"
     page = ReviewPage(f"Nightly candidate {key}", run_id, evaluation, gate_tags, cases, before, "candidate")

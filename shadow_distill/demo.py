@@ -119,20 +119,23 @@ def run_airflow_dag(workdir: Path, cfg_path: Path, start: datetime, end: datetim
     conf = json.dumps({"window_start": start.isoformat(), "window_end": end.isoformat()})
     cmd = [str(BIN / "airflow"), "dags", "test", "shadow_distill_nightly", end.strftime("%Y-%m-%dT%H:%M:%S+00:00"),
            "--conf", conf]
-    final_state = None
+    final_state, last_error = None, None
     with open(log_path, "w") as log, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                       text=True) as proc:
         try:
             for line in proc.stdout:
                 log.write(line)
                 final_state = _dag_progress(line, progress) or final_state
+                if re.match(r"[\w.]+(Error|Exception|Interrupt): ", line):  # a task traceback's last line
+                    last_error = line.strip()
         except BaseException:  # Ctrl-C or an error: stop Airflow too, or Popen's exit would wait for it
             proc.terminate()
             proc.wait(30)
             raise
         if proc.wait() != 0 or final_state != "success":
+            cause = f"; last task error: {last_error}" if last_error else ""
             raise ShadowDistillError(f"airflow dags test ended with exit code {proc.returncode}, run state "
-                                     f"{final_state}; see {log_path}")
+                                     f"{final_state}{cause}; see {log_path}")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
