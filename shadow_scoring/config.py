@@ -66,6 +66,11 @@ class ScoringConfig(BaseModel):
     metrics_host: str = Field("127.0.0.1", description="Address the metrics server binds to ('0.0.0.0' in a pod).")
     retry_initial_s: float = Field(0.5, gt=0, description="First wait after the database or teacher fails.")
     retry_max_s: float = Field(30.0, gt=0, description="Longest wait between retries (exponential backoff).")
+    connect_timeout_s: float = Field(30.0, gt=0, description=(
+        "How long one attempt to reach the broker may take (kafka-python's bootstrap_timeout_ms)."))
+    startup_wait_s: float = Field(300.0, ge=0, description=(
+        "At start-up, how long to keep retrying an unreachable broker or database before giving up "
+        "(0: fail at once). Lets the scorer start before its dependencies, as in a compose or k8s roll-out."))
     lag_refresh_s: float = Field(5.0, ge=0, description="How often consumer lag is measured (it costs a request).")
 
     @field_validator("bootstrap_servers")
@@ -107,11 +112,12 @@ class ScoringConfig(BaseModel):
         return consumer_config(
             self.bootstrap_servers, self.group_id, client_id=self.client_id, auto_offset_reset=self.auto_offset_reset,
             session_timeout_ms=self.session_timeout_ms, max_poll_interval_ms=self.max_poll_interval_ms,
-            max_poll_records=self.max_poll_records,
+            max_poll_records=self.max_poll_records, bootstrap_timeout_ms=int(self.connect_timeout_s * 1000),
         )
 
     def producer_settings(self) -> dict[str, Any]:
         """kwargs for the dead-letter `kafka.KafkaProducer`: acks=all, idempotent (`message_bus.topics`)."""
         from message_bus.topics import producer_config
 
-        return producer_config(self.bootstrap_servers, client_id=f"{self.client_id}-dlq")
+        return producer_config(self.bootstrap_servers, client_id=f"{self.client_id}-dlq",
+                               bootstrap_timeout_ms=int(self.connect_timeout_s * 1000))

@@ -143,6 +143,26 @@ def dead_letter_headers(rec: ConsumerRecord, exc: Exception) -> list[tuple[str, 
     ]
 
 
+def wait_at_startup(what: str, connect: Callable[[], T], config: ScoringConfig,
+                    sleep: Callable[[float], None] = time.sleep) -> T:
+    """`connect()`, retried with backoff for up to `config.startup_wait_s` while `what` is unreachable.
+
+    A scorer started before its broker or database (a compose roll-out, a node reboot) waits for them instead of
+    crash-looping; past the deadline the last error propagates, so a wrong address still fails loudly."""
+    deadline = time.monotonic() + config.startup_wait_s
+    delay = config.retry_initial_s
+    while True:
+        try:
+            return connect()
+        except TRANSIENT_ERRORS as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s unreachable at start-up (%s: %s); retrying in %.1f s", what, type(exc).__name__,
+                        str(exc).splitlines()[0][:200] if str(exc) else "", delay)
+            sleep(delay)
+            delay = min(delay * 2, config.retry_max_s)
+
+
 # ---- the service ----------------------------------------------------------------------------------------------
 class ScoringService:
     def __init__(self, config: ScoringConfig, teacher: Teacher, store: FeatureStore):
@@ -156,13 +176,14 @@ class ScoringService:
 
     @classmethod
     def from_config(cls, config: ScoringConfig) -> ScoringService:
-        return cls(config, build_teacher(config), FeatureStore.open(config.store_url))
+        store = wait_at_startup("database", lambda: FeatureStore.open(config.store_url), config)
+        return cls(config, build_teacher(config), store)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     def open(self) -> ScoringService:
         cfg = self.config
-        self._producer = KafkaProducer(**cfg.producer_settings())
-        self._consumer = KafkaConsumer(**cfg.consumer_settings())
+        self._producer = wait_at_startup("broker", lambda: KafkaProducer(**cfg.producer_settings()), cfg)
+        self._consumer = wait_at_startup("broker", lambda: KafkaConsumer(**cfg.consumer_settings()), cfg)
         self._consumer.subscribe([cfg.topic])
         if cfg.metrics_port is not None:
             registry = CollectorRegistry()

@@ -417,3 +417,73 @@ def test_backfill_rescores_a_window_with_a_new_teacher_once(sqlite_url, tiny_mod
     assert (again.seen, again.rows_written) == (0, 0)
     assert backfill(store, hot, None, None, batch_tokens=40).rows_written == 5
     assert _score_rows(store) == (12, 24, 12)
+
+
+def test_a_scorer_started_before_its_database_and_broker_waits_for_them(pg_url, tiny_models, teacher, caplog):
+    """Start-up order must not matter (compose, k8s, a rebooted node): the scorer waits with backoff for an
+    unreachable PostgreSQL and then an unstarted broker, and scores what arrives once both are up."""
+    from message_bus.broker import TansuBroker, free_port
+
+    db = sa.engine.make_url(pg_url).database
+    admin = sa.create_engine(sa.engine.make_url(pg_url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+
+    def allow_connections(allow: bool) -> None:
+        with admin.connect() as c:
+            c.execute(sa.text(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS {str(allow).lower()}'))
+
+    port = free_port()
+    topic, dlq = f"traj-{uuid.uuid4().hex[:8]}", f"dlq-{uuid.uuid4().hex[:8]}"
+    cfg = _config(f"127.0.0.1:{port}", topic, dlq, pg_url, tiny_models[0], startup_wait_s=60.0,
+                  connect_timeout_s=2.0)
+    stop, outcome = threading.Event(), {}
+
+    def scorer() -> None:
+        try:
+            service = ScoringService.from_config(cfg)
+            outcome["service"] = service
+            with service:
+                service.run(stop)
+        except BaseException as exc:  # surfaced by the asserts below
+            outcome["error"] = exc
+
+    allow_connections(False)
+    caplog.set_level("WARNING", logger="shadow_scoring.consumer")
+    runner = threading.Thread(target=scorer)
+    runner.start()
+    broker = TansuBroker(port=port)
+    try:
+        _wait(lambda: "database unreachable at start-up" in caplog.text, 20, "the database wait")
+        allow_connections(True)
+        _wait(lambda: "broker unreachable at start-up" in caplog.text or "error" in outcome, 30, "the broker wait")
+        assert "error" not in outcome, outcome.get("error")
+        broker.start()
+        ensure_topics(broker.bootstrap, {topic: 1, dlq: 1})
+        trajs = _trajectories(5, teacher.vocab_size, seed=11)
+        _produce(broker.bootstrap, topic, [(t.key, t.to_bytes()) for t in trajs])
+        _wait(lambda: "service" in outcome and outcome["service"].stats()["messages_scored"] == 5, 60, "scores")
+    finally:
+        allow_connections(True)
+        stop.set()
+        runner.join(30)
+        broker.stop()
+        admin.dispose()
+    assert "error" not in outcome, outcome.get("error")
+    store = FeatureStore.open(pg_url)
+    assert sorted(store.scored_ids(teacher.teacher_id)) == sorted(t.trajectory_id for t in trajs)
+    store.engine.dispose()
+
+
+def test_startup_gives_up_after_its_deadline_with_the_real_error(sqlite_url, tiny_models, caplog):
+    from kafka.errors import KafkaError
+
+    from message_bus.broker import free_port
+
+    cfg = _config(f"127.0.0.1:{free_port()}", "t", "d", sqlite_url, tiny_models[0], startup_wait_s=3.0,
+                  connect_timeout_s=1.0)
+    service = ScoringService.from_config(cfg)  # sqlite opens at once
+    caplog.set_level("WARNING", logger="shadow_scoring.consumer")
+    started = time.monotonic()
+    with pytest.raises(KafkaError, match="bootstrap"):
+        service.open()
+    assert caplog.text.count("broker unreachable at start-up") >= 2, "it retried before giving up"
+    assert time.monotonic() - started < 15, "and it gave up near its deadline"
