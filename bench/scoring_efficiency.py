@@ -144,6 +144,7 @@ def main() -> None:
         bare_pass(teacher, [trajs[:8]], args.topk)  # warm-up: first-call allocations
         service_total, bare_total = Tally(), Tally()
         round_ratios: list[float] = []
+        previous_batches: list = []  # set by each even round, re-scored by the odd round after it
         for rnd in range(args.rounds):
             topic = f"bench.scoring.{rnd}"
             ensure_topics(broker.bootstrap, {topic: 1})

@@ -6,7 +6,6 @@ the kill is the broker's loss, counted from the shadow log's `sent` counter at t
 must be in the topic afterwards.
 """
 
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor

@@ -13,7 +13,6 @@ from nightly_train.gate import GateInputs, GatePolicy, evaluate_gate
 from nightly_train.review import (
     CURVES_FILE,
     REPORT_FILE,
-    PenaltyCase,
     ReviewPage,
     gate_checks,
     penalty_colour,
