@@ -36,6 +36,7 @@ from serving.adapter_watcher import AdapterWatcher
 from serving.auth import AdminToken, Caller, KeyStore, bearer
 from serving.config import ServingConfig
 from serving.engine_base import AdapterInfo, Engine
+from serving import openapi
 from serving.metrics import ServingMetrics
 from serving.middleware import ServingMiddleware, error_json, read_json
 from serving.protocol import (
@@ -99,8 +100,9 @@ def build_app(config: ServingConfig, engine: Engine, *, sink: TrajectorySink | N
         for close in on_shutdown:
             await asyncio.to_thread(close)
 
-    app = FastAPI(title="shadow-distill student", docs_url=None, redoc_url=None, openapi_url=None,
+    app = FastAPI(title="shadow-distill student", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
                   lifespan=lifespan)
+    openapi.install(app)
     app.state.chat = OpenAIServingChat(engine, config, sink, salt)
     app.state.completion = OpenAIServingCompletion(engine, config, sink, salt)
     app.state.engine, app.state.config, app.state.metrics = engine, config, metrics
@@ -151,21 +153,22 @@ def build_app(config: ServingConfig, engine: Engine, *, sink: TrajectorySink | N
     async def models(caller: Caller = Depends(require_key)) -> Response:
         return Response(app.state.chat.model_list().model_dump_json(), media_type="application/json")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi.request_body("/v1/chat/completions"))
     async def chat(request: Request, caller: Caller = Depends(require_key)) -> Response:
         req = await parse(request, ChatCompletionRequest)
         if isinstance(req, ErrorResponse):
             return error_json(req)
         return render(await app.state.chat.create_chat_completion(req, context(request, caller)))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi.request_body("/v1/completions"))
     async def completions(request: Request, caller: Caller = Depends(require_key)) -> Response:
         req = await parse(request, CompletionRequest)
         if isinstance(req, ErrorResponse):
             return error_json(req)
         return render(await app.state.completion.create_completion(req, context(request, caller)))
 
-    @app.post("/v1/load_lora_adapter", dependencies=[Depends(require_admin)])
+    @app.post("/v1/load_lora_adapter", dependencies=[Depends(require_admin)],
+              openapi_extra=openapi.request_body("/v1/load_lora_adapter"))
     async def load_lora(request: Request) -> Response:
         req = await parse(request, LoadLoRAAdapterRequest)
         if isinstance(req, ErrorResponse):
@@ -188,7 +191,8 @@ def build_app(config: ServingConfig, engine: Engine, *, sink: TrajectorySink | N
             return error_json(error_response(503, str(exc), code="engine_unavailable"))
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter", dependencies=[Depends(require_admin)])
+    @app.post("/v1/unload_lora_adapter", dependencies=[Depends(require_admin)],
+              openapi_extra=openapi.request_body("/v1/unload_lora_adapter"))
     async def unload_lora(request: Request) -> Response:
         req = await parse(request, UnloadLoRAAdapterRequest)
         if isinstance(req, ErrorResponse):

@@ -1,18 +1,17 @@
 """Property-based fuzzing of the serving API with schemathesis: no generated request may get a 5xx.
 
 The app is built as in production (`serving.api_server.build_app`, tiny student, API keys, admin token, an
-adapters root) and served by uvicorn on 127.0.0.1. Its routes parse bodies themselves (so every client
-mistake is an OpenAI-style 4xx) and the app serves no `/openapi.json`, so FastAPI's generated schema has no
-request bodies: `api_schema()` adds them from the pydantic request models in `serving.protocol`, which are
-what the handlers validate against. schemathesis then generates valid and invalid requests for every
+adapters root) and served by uvicorn on 127.0.0.1. The fuzzer reads the document the server itself publishes
+at `/openapi.json` (request bodies from the pydantic models the handlers validate against, see
+`serving.openapi`), narrows `model` to the served id, generates valid and invalid requests for every
 operation (bounded examples, deterministic) and checks `not_a_server_error`.
 
     .venv/bin/python -m pytest tests/integration/test_serving_schemathesis.py -q
 """
 
-import copy
 import json
 
+import httpx
 import pytest
 import schemathesis
 from schemathesis import GenerationMode
@@ -22,40 +21,27 @@ from serving.api_server import BackgroundServer, build_app
 from serving.auth import hash_key
 from serving.config import ServingConfig
 from serving.engine import EmbeddedEngine
-from serving.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    LoadLoRAAdapterRequest,
-    UnloadLoRAAdapterRequest,
-)
+from serving.openapi import ADMIN_PATHS, REQUEST_BODIES as BODIES
 from serving.testing import make_adapter, torch_threads
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 API_KEY, ADMIN_TOKEN = "sk-fuzz-0123456789", "admin-fuzz-token"
-BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
-          "/v1/load_lora_adapter": LoadLoRAAdapterRequest, "/v1/unload_lora_adapter": UnloadLoRAAdapterRequest}
-ADMIN_PATHS = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
 MAX_EXAMPLES = 30
 
 
-def api_schema(app, served_models: list[str]) -> dict:
-    """The app's OpenAPI document with the JSON request bodies its handlers parse by hand.
-
-    `model` is narrowed to the served ids (what /v1/models lists): a random string is a 404 before the
-    engine is reached, so without this no generated request would ever generate tokens.
-    """
-    doc = copy.deepcopy(app.openapi())
-    components = doc.setdefault("components", {}).setdefault("schemas", {})
-    for path, model in BODIES.items():
-        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        if "model" in body.get("properties", {}):
-            body["properties"]["model"] = {"type": "string", "enum": served_models}
-        components.update(body.pop("$defs", {}))
-        components[model.__name__] = body
-        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-        doc["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
-    return json.loads(json.dumps(doc))  # plain JSON types only, as a schema file would give
+def api_schema(base_url: str, served_models: list[str]) -> dict:
+    """The server's published OpenAPI document, with `model` narrowed to the served ids (what /v1/models
+    lists): a random string is a 404 before the engine is reached, so without this no generated request
+    would ever generate tokens."""
+    response = httpx.get(f"{base_url}/openapi.json", timeout=10)
+    assert response.status_code == 200, response.text
+    doc = response.json()
+    for model in BODIES.values():
+        properties = doc["components"]["schemas"][model.__name__]["properties"]
+        if "model" in properties:
+            properties["model"] = {"type": "string", "enum": served_models}
+    return doc
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +83,7 @@ def fuzz_operation(operation, base_url: str, mode: GenerationMode) -> list[int]:
 def test_no_generated_request_gets_a_server_error(server):
     # `schemathesis.pytest.from_fixture` would give one test per operation, but its lazy loader reads
     # `request.node._nodeid`, which pytest 9 no longer has; so the operations are looped here.
-    schema = schemathesis.openapi.from_dict(api_schema(server.app, [server.model]))
+    schema = schemathesis.openapi.from_dict(api_schema(server.url, [server.model]))
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) == 7
     failures, statuses = {}, {}
@@ -116,11 +102,17 @@ def test_no_generated_request_gets_a_server_error(server):
         assert 200 in seen, seen
 
 
-def test_the_schema_covers_every_route_with_its_body(server):
-    doc = api_schema(server.app, [server.model])
+def test_the_published_schema_covers_every_route_with_its_body_and_auth(server):
+    doc = httpx.get(f"{server.url}/openapi.json", timeout=10).json()  # open, like /health: no key sent
     routes = {(path, method) for path, ops in doc["paths"].items() for method in ops}
-    assert routes >= {("/health", "get"), ("/metrics", "get"), ("/v1/models", "get"),
+    assert routes == {("/health", "get"), ("/metrics", "get"), ("/v1/models", "get"),
                       *((p, "post") for p in BODIES)}
-    for path in BODIES:
-        assert "requestBody" in doc["paths"][path]["post"]
-    assert "messages" in doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    for path, model in BODIES.items():
+        body = doc["paths"][path]["post"]["requestBody"]
+        assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model.__name__}"}
+        assert doc["paths"][path]["post"]["security"] == [{"adminToken" if path in ADMIN_PATHS else "apiKey": []}]
+    assert "security" not in doc["paths"]["/health"]["get"]
+    chat = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert {"messages", "model", "temperature", "top_p", "max_tokens", "stop", "n", "seed", "logprobs",
+            "top_logprobs", "user", "stream", "return_token_ids"} <= set(chat)
+    json.dumps(doc)  # plain JSON, as a schema file would be
