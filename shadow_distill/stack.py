@@ -159,14 +159,25 @@ def start_mlflow(sup: Supervisor) -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def write_keys_file(folder: Path, api_key: str) -> Path:
+    """The serving keys file (sha256 only) for `api_key`: the key itself never reaches a command line, which any
+    local user can read with `ps`, nor `stack.json`."""
+    from serving.auth import hash_key
+
+    path = (folder / "api_keys.json").resolve()
+    path.write_text(json.dumps({"keys": [{"name": "local", "sha256": hash_key(api_key), "shadow_log": True}]}))
+    return path
+
+
 def start_serving(sup: Supervisor, student_dir: Path, bootstrap: str, mlflow_uri: str, model_name: str,
                   api_key: str, poll_s: float = 2.0, extra: list[str] | None = None) -> str:
     port = free_port()
+    keys_file = write_keys_file(sup.folder, api_key)
     cmd = [str(BIN / "shadow-distill"), "serve", "--model-dir", str(student_dir), "--port", str(port),
            "--kafka-bootstrap", bootstrap, "--spool-dir", str((sup.folder / "spool").resolve()),
            "--mlflow-tracking-uri", mlflow_uri, "--registry-model-name", model_name,
            "--adapter-poll-s", str(poll_s), "--adapters-root", str((sup.folder / "adapters").resolve()),
-           "--api-key", api_key, "--torch-threads", "1", *(extra or [])]
+           "--api-keys-file", str(keys_file), "--torch-threads", "1", *(extra or [])]
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     sup.start("serving", cmd, port=port, env=env, health_url=f"http://127.0.0.1:{port}/health", timeout_s=180)
     return f"http://127.0.0.1:{port}"
@@ -219,7 +230,9 @@ def cmd_up(args) -> None:
     except Exception:
         sup.stop_all()
         raise
-    (sup.folder / "api_key").write_text(key)
+    key_path = sup.folder / "api_key"
+    key_path.touch(mode=0o600)
+    key_path.write_text(key)
     print(json.dumps({"broker": bootstrap, "mlflow": mlflow_uri, "serving": serving, "airflow": airflow,
                       "api_key_file": str(sup.folder / "api_key"), "nightly_config": str(cfg_path)}, indent=1))
 

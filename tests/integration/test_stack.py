@@ -68,6 +68,13 @@ def test_stack_up_status_down_stops_exactly_its_processes(tmp_path):
 
         assert httpx.get(f"{up['serving']}/health", timeout=10).status_code == 200
         assert httpx.get(f"{up['mlflow']}/health", timeout=10).status_code == 200
+        key = Path(up["api_key_file"]).read_text().strip()
+        assert Path(up["api_key_file"]).stat().st_mode & 0o077 == 0, "the key file is private to its owner"
+        models = httpx.get(f"{up['serving']}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        assert models.status_code == 200, models.text
+        assert key not in (stack_dir / "stack.json").read_text()
+        cmdlines = {name: Path(f"/proc/{s['pid']}/cmdline").read_bytes() for name, s in status.items()}
+        assert not [n for n, c in cmdlines.items() if key.encode() in c], "the API key is on a command line"
 
         pids = {name: s["pid"] for name, s in status.items()}
         members = set().union(*(_group_members(pid) for pid in pids.values()))
