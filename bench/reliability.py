@@ -154,6 +154,7 @@ class Tap:
         self.ends: dict[tuple[str, int], int] = {}
         self._seen: set[tuple[int, str, int, int]] = set()  # (broker life, topic, partition, offset)
         self._life = 0
+        self._last_read = time.monotonic()
         self._reset = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -185,6 +186,7 @@ class Tap:
                     self._reset.clear()
                     consumer = self._consumer()
                 for tp, messages in consumer.poll(timeout_ms=200).items():
+                    self._last_read = time.monotonic()
                     for m in messages:
                         if (self._life, tp.topic, tp.partition, m.offset) not in self._seen:
                             self._seen.add((self._life, tp.topic, tp.partition, m.offset))
@@ -207,8 +209,11 @@ class Tap:
         with contextlib.suppress(ValueError, KeyError, TypeError):
             self.topic_ids[json.loads(value)["request_id"]] += 1
 
-    def caught_up(self, timeout_s: float = 30.0) -> bool:
-        """Wait until the tap has read up to the topic's current end offsets."""
+    def caught_up(self, timeout_s: float = 30.0, quiet_s: float = 1.5) -> bool:
+        """Wait until the tap has read up to the topic's current end offsets and then nothing for `quiet_s`.
+
+        Tansu reports a partition's end offset as its last batch's base offset + 1, so reaching the end offsets
+        can leave the rest of that batch unread; with its producers frozen, a quiet tap has read everything."""
         from kafka import KafkaConsumer, TopicPartition
 
         probe = KafkaConsumer(**consumer_config(self.bootstrap, None, client_id="reliability-probe"))
@@ -219,7 +224,8 @@ class Tap:
             probe.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all(self.ends.get((tp.topic, tp.partition), 0) >= end for tp, end in ends.items()):
+            if (all(self.ends.get((tp.topic, tp.partition), 0) >= end for tp, end in ends.items())
+                    and time.monotonic() - self._last_read >= quiet_s):
                 return True
             time.sleep(0.05)
         return False
