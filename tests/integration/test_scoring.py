@@ -211,11 +211,9 @@ def test_a_replay_writes_no_duplicate_rows(kafka_broker, sqlite_url, tiny_models
     assert _score_rows(store) == (10, 10, 10)
 
 
-def test_database_down_pauses_commits_nothing_and_resumes(kafka_broker, pg_url, tiny_models, teacher):
-    topic, dlq = _topics(kafka_broker.bootstrap)
-    trajs = _trajectories(12, teacher.vocab_size, seed=3)
-    cfg = _config(kafka_broker.bootstrap, topic, dlq, pg_url, tiny_models[0])
-    store = FeatureStore.open(pg_url)
+def _connection_switch(pg_url: str):
+    """(admin engine, allow(bool)): refuse new connections to the test database and end the open ones (what a
+    crashed or partitioned PostgreSQL looks like to the scorer), or allow them again."""
     db = sa.engine.make_url(pg_url).database
     admin = sa.create_engine(sa.engine.make_url(pg_url).set(database="postgres"), isolation_level="AUTOCOMMIT")
 
@@ -225,6 +223,16 @@ def test_database_down_pauses_commits_nothing_and_resumes(kafka_broker, pg_url, 
             if not allow:
                 c.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
                           {"d": db})
+
+    return admin, allow_connections
+
+
+def test_database_down_pauses_commits_nothing_and_resumes(kafka_broker, pg_url, tiny_models, teacher):
+    topic, dlq = _topics(kafka_broker.bootstrap)
+    trajs = _trajectories(12, teacher.vocab_size, seed=3)
+    cfg = _config(kafka_broker.bootstrap, topic, dlq, pg_url, tiny_models[0])
+    store = FeatureStore.open(pg_url)
+    admin, allow_connections = _connection_switch(pg_url)
 
     service, stop = ScoringService(cfg, teacher, store), threading.Event()
     runner = threading.Thread(target=service.run, args=(stop,))
@@ -424,13 +432,7 @@ def test_a_scorer_started_before_its_database_and_broker_waits_for_them(pg_url, 
     unreachable PostgreSQL and then an unstarted broker, and scores what arrives once both are up."""
     from message_bus.broker import TansuBroker, free_port
 
-    db = sa.engine.make_url(pg_url).database
-    admin = sa.create_engine(sa.engine.make_url(pg_url).set(database="postgres"), isolation_level="AUTOCOMMIT")
-
-    def allow_connections(allow: bool) -> None:
-        with admin.connect() as c:
-            c.execute(sa.text(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS {str(allow).lower()}'))
-
+    admin, allow_connections = _connection_switch(pg_url)
     port = free_port()
     topic, dlq = f"traj-{uuid.uuid4().hex[:8]}", f"dlq-{uuid.uuid4().hex[:8]}"
     cfg = _config(f"127.0.0.1:{port}", topic, dlq, pg_url, tiny_models[0], startup_wait_s=60.0,
