@@ -27,11 +27,13 @@ class Rollout:
     finish_reason: str
 
 
-def model_pair(real: bool, workdir: Path, model_dir: Path | None = None) -> tuple[Path, Path]:
+def model_pair(real: bool, workdir: Path, model_dir: Path | None = None,
+               drop_layers: str = "auto") -> tuple[Path, Path]:
     """(teacher_dir, student_dir): SmolLM2 + its layer-dropped student with `real`, else a tiny random pair.
 
-    `model_dir` overrides the teacher folder (the student folder still comes from the chosen pair)."""
-    teacher_dir, student_dir = resolve_models(tiny=not real, workdir=workdir)
+    `model_dir` overrides the teacher folder (the student folder still comes from the chosen pair);
+    `drop_layers` picks the student ('auto': the sensitivity check's least sensitive pair; '8,21': the demo's)."""
+    teacher_dir, student_dir = resolve_models(tiny=not real, workdir=workdir, drop_layers=drop_layers)
     return (Path(model_dir).expanduser() if model_dir else teacher_dir), student_dir
 
 

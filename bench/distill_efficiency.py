@@ -2,7 +2,7 @@
 
 The published claim (Thinking Machines, "On-Policy Distillation"): OPD reaches RL's result with 7-10x fewer
 gradient steps and beats SFT on teacher completions. This bench checks what that looks like for this project's
-own pair (teacher SmolLM2-135M-Instruct, student = teacher minus layers 17 and 18, LoRA), on this CPU:
+own pair (teacher SmolLM2-135M-Instruct, student = teacher minus two layers (`--drop-layers`), LoRA), on this CPU:
 
 - opd: `Distiller` with fresh rollouts only (rule 3): the student samples at T=1 from the current adapter each
   step, the in-process teacher scores the tokens, importance-sampling loss with the reverse-KL advantage.
@@ -70,6 +70,8 @@ class BenchConfig(BaseModel):
     ifeval_prompts: int = Field(10, ge=1, description="Held-out IFEval prompts (greedy).")
     ifeval_max_tokens: int = Field(64, ge=1)
     seed: int = 0
+    drop_layers: str = Field("auto", description="Student = teacher minus these layers, e.g. '8,21' (the demo's); "
+                                                 "'auto' = the sensitivity check's least sensitive pair.")
     tiny: bool = False
     out: Path = Path("bench/out/distill")
 
@@ -120,7 +122,7 @@ class Setup:
 
 
 def build_setup(cfg: BenchConfig) -> Setup:
-    teacher_dir, student_dir = resolve_models(tiny=cfg.tiny, workdir=cfg.out)
+    teacher_dir, student_dir = resolve_models(tiny=cfg.tiny, workdir=cfg.out, drop_layers=cfg.drop_layers)
     tok = load_tokenizer(student_dir)
     teacher = load_model(teacher_dir)
     prompts = ifeval.load_prompts(None)

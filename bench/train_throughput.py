@@ -85,6 +85,7 @@ def trainer_pass(distiller: Distiller) -> tuple[int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--real", action="store_true", help="SmolLM2 student (layer-dropped) instead of tiny models")
+    ap.add_argument("--drop-layers", default="auto", help="with --real: the student's dropped layers ('auto', '8,21')")
     ap.add_argument("--rows", type=int, help="trajectories per batch (default 8)", default=8)
     ap.add_argument("--tokens", type=int, help="completion tokens per trajectory (default 64)", default=64)
     ap.add_argument("--steps", type=int, help="optimizer steps per pass (default 6 real, 20 tiny)")
@@ -94,7 +95,7 @@ def main() -> None:
     steps = args.steps or (6 if args.real else 20)
 
     with tempfile.TemporaryDirectory() as tmp:
-        teacher_dir, student_dir = model_pair(args.real, Path(tmp))
+        teacher_dir, student_dir = model_pair(args.real, Path(tmp), drop_layers=args.drop_layers)
         examples = logged_examples(teacher_dir, student_dir, args.rows * 2, args.tokens)
         cfg = TrainConfig(student_dir=student_dir, teacher_id="bench-teacher", output_dir=Path(tmp) / "run",
                           batch_size=args.rows, epochs=steps, max_steps=steps, checkpoint_every=10**6,
