@@ -1,15 +1,18 @@
 """What the shadow log costs the endpoint: throughput and p50/p99 latency with it ON vs OFF, in one run.
 
 One embedded engine serves two apps: one without a sink (OFF) and one whose ShadowLogger ships every choice
-to a Tansu broker this bench starts (ON). Closed-loop clients (default 8) send chat requests; both phases use
-the same seeds, so they generate the same tokens. Phases alternate over several rounds in ABBA order
+to a Tansu broker this bench starts (ON). Each phase is a fixed amount of work: `--requests` chat requests from
+closed-loop clients (default 8), with the same seeds in both phases of a round, so ON and OFF generate the same
+tokens and throughput is requests over wall time (a timed phase would cut requests off at its end, which with
+SmolLM2's 9-second requests is most of the noise). The clients run in a separate process, so that only the
+server's own threads (event loop, engine, shadow-log producer) share its interpreter, as in production. Phases alternate over several rounds in ABBA order
 (OFF ON, ON OFF, ...) so that drift on a shared host hits both alike. The last line is the ratio of ON to OFF
 throughput (target >= 0.98). `--sink memory` replaces Kafka by an in-memory sink, which separates the cost
 of building trajectories from the cost of shipping them.
 
     .venv/bin/python bench/serving_overhead.py                          # tiny student, about a minute
     .venv/bin/python bench/serving_overhead.py --model-dir ~/.cache/shadow-distill/models/<student> \\
-        --max-tokens 64 --phase-s 20
+        --max-tokens 64 --requests 32
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import multiprocessing
 import tempfile
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,24 +58,41 @@ class Phase:
         return data[min(len(data) - 1, int(q * len(data)))] if data else float("nan")
 
 
-async def run_phase(url: str, model: str, phase: Phase, args: argparse.Namespace, first_seed: int) -> None:
+async def _load(url: str, model: str, requests: int, concurrency: int, max_tokens: int,
+                first_seed: int) -> tuple[list[float], int, float]:
+    """(latencies, completion tokens, wall time) of `requests` chat requests from `concurrency` closed loops."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=120)
-    next_seed = [first_seed]
-    stop_at = time.perf_counter() + args.phase_s
+    seeds = iter(range(first_seed, first_seed + requests))
+    latencies: list[float] = []
+    tokens = 0
 
     async def worker() -> None:
-        while time.perf_counter() < stop_at:
-            seed, next_seed[0] = next_seed[0], next_seed[0] + 1
+        nonlocal tokens
+        for seed in seeds:  # one shared iterator: each seed is taken by exactly one worker
             t0 = time.perf_counter()
-            r = await client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=args.max_tokens,
-                                                     seed=seed)
-            phase.latencies_s.append(time.perf_counter() - t0)
-            phase.tokens += r.usage.completion_tokens
+            r = await client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=max_tokens, seed=seed)
+            latencies.append(time.perf_counter() - t0)
+            tokens += r.usage.completion_tokens
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-    phase.elapsed_s += time.perf_counter() - started
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
     await client.close()
+    return latencies, tokens, elapsed
+
+
+def load_in_child(*load_args) -> tuple[list[float], int, float]:
+    """Runs in the client process: the load generator must not share the server's GIL, as no real client does."""
+    return asyncio.run(_load(*load_args))
+
+
+def run_phase(clients: ProcessPoolExecutor, url: str, model: str, phase: Phase, args: argparse.Namespace,
+              first_seed: int) -> None:
+    latencies, tokens, elapsed = clients.submit(load_in_child, url, model, args.requests, args.concurrency,
+                                                args.max_tokens, first_seed).result()
+    phase.latencies_s += latencies
+    phase.tokens += tokens
+    phase.elapsed_s += elapsed
 
 
 def merge(parts: list[Phase]) -> Phase:
@@ -93,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", type=Path, help="student folder (default: a tiny random student)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--phase-s", type=float, default=4.0, help="seconds per phase and round")
+    parser.add_argument("--requests", type=int, default=256, help="requests per phase (same seeds ON and OFF)")
     parser.add_argument("--rounds", type=int, default=6, help="OFF/ON pairs, in ABBA order")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--sink", choices=["kafka", "memory"], default="kafka")
@@ -101,8 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
+    clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp, torch_threads(args.torch_threads), \
-            TansuBroker() as broker:
+            TansuBroker() as broker, clients:
         model_dir = args.model_dir
         if model_dir is None:
             from model_runtime.tiny import build_tiny_pair
@@ -122,13 +145,13 @@ def main(argv: list[str] | None = None) -> None:
         try:
             with BackgroundServer(apps["off"]) as off, BackgroundServer(apps["on"]) as on:
                 urls = {"off": off.url, "on": on.url}
-                asyncio.run(run_phase(off.url, engine.base_model_id, Phase("warm"),
-                                      argparse.Namespace(**{**vars(args), "phase_s": 2.0}), 10**6))
+                run_phase(clients, off.url, engine.base_model_id, Phase("warm"),
+                          argparse.Namespace(**{**vars(args), "requests": 2 * args.concurrency}), 10**6)
                 for r in range(args.rounds):
                     order = ("off", "on") if r % 2 == 0 else ("on", "off")
                     for name in order:
                         phase = Phase(name)
-                        asyncio.run(run_phase(urls[name], engine.base_model_id, phase, args, first_seed=r * 10**5))
+                        run_phase(clients, urls[name], engine.base_model_id, phase, args, first_seed=r * 10**5)
                         phases[name].append(phase)
                         print(f"round {r + 1} {report(phase)}", flush=True)
         finally:
