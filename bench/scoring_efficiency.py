@@ -117,6 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct teacher and its student")
     ap.add_argument("--model-dir", type=Path, help="teacher folder to score with (implies real-sized runs)")
+    ap.add_argument("--drop-layers", default="auto", help="with --real: the sampling student ('auto', '8,21')")
     ap.add_argument("-n", "--trajectories", type=int, help="trajectories per round (default 256 tiny, 64 real)")
     ap.add_argument("--min-tokens", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -131,7 +132,7 @@ def main() -> None:
     args.rounds = args.rounds or (2 if real else 4)
 
     with tempfile.TemporaryDirectory() as tmp, TansuBroker() as broker:
-        teacher_dir, student_dir = model_pair(real, Path(tmp), args.model_dir)
+        teacher_dir, student_dir = model_pair(real, Path(tmp), args.model_dir, drop_layers=args.drop_layers)
         t0 = time.perf_counter()
         rollouts = sample_rollouts(student_dir, n, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
                                    batch_size=16 if real else 64)
