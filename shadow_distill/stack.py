@@ -232,9 +232,10 @@ def cmd_up(args) -> None:
         raise
     key_path = sup.folder / "api_key"
     key_path.touch(mode=0o600)
+    key_path.chmod(0o600)  # also when an earlier `stack up` left the file behind
     key_path.write_text(key)
     print(json.dumps({"broker": bootstrap, "mlflow": mlflow_uri, "serving": serving, "airflow": airflow,
-                      "api_key_file": str(sup.folder / "api_key"), "nightly_config": str(cfg_path)}, indent=1))
+                      "api_key_file": str(key_path), "nightly_config": str(cfg_path)}, indent=1))
 
 
 def cmd_down(args) -> None:

@@ -143,8 +143,7 @@ def dead_letter_headers(rec: ConsumerRecord, exc: Exception) -> list[tuple[str, 
     ]
 
 
-def wait_at_startup(what: str, connect: Callable[[], T], config: ScoringConfig,
-                    sleep: Callable[[float], None] = time.sleep) -> T:
+def wait_at_startup(what: str, connect: Callable[[], T], config: ScoringConfig) -> T:
     """`connect()`, retried with backoff for up to `config.startup_wait_s` while `what` is unreachable.
 
     A scorer started before its broker or database (a compose roll-out, a node reboot) waits for them instead of
@@ -159,7 +158,7 @@ def wait_at_startup(what: str, connect: Callable[[], T], config: ScoringConfig,
                 raise
             log.warning("%s unreachable at start-up (%s: %s); retrying in %.1f s", what, type(exc).__name__,
                         str(exc).splitlines()[0][:200] if str(exc) else "", delay)
-            sleep(delay)
+            time.sleep(delay)
             delay = min(delay * 2, config.retry_max_s)
 
 
