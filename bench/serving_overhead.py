@@ -5,8 +5,8 @@ to a Tansu broker this bench starts (ON). Each phase is a fixed amount of work: 
 closed-loop clients (default 8), with the same seeds in both phases of a round, so ON and OFF generate the same
 tokens and throughput is requests over wall time (a timed phase would cut requests off at its end, which with
 SmolLM2's 9-second requests is most of the noise). The clients run in a separate process, so that only the
-server's own threads (event loop, engine, shadow-log producer) share its interpreter, as in production. Phases alternate over several rounds in ABBA order
-(OFF ON, ON OFF, ...) so that drift on a shared host hits both alike. The last line is the ratio of ON to OFF
+server's own threads (event loop, engine, shadow-log producer) share its interpreter, as in production. Phases
+alternate over several rounds in ABBA order (OFF ON, ON OFF, ...) so that drift on a shared host hits both alike. The last line is the ratio of ON to OFF
 throughput (target >= 0.98). `--sink memory` replaces Kafka by an in-memory sink, which separates the cost
 of building trajectories from the cost of shipping them.
 
