@@ -74,4 +74,3 @@ def embedded_server(config, *, admin_token: str, adapters_root: Path | None = No
                 yield srv
         finally:
             engine.close()
-

@@ -133,7 +133,7 @@ def next_offsets(records: Sequence[ConsumerRecord]) -> dict[TopicPartition, int]
 def dead_letter_headers(rec: ConsumerRecord, exc: Exception) -> list[tuple[str, bytes]]:
     """The original headers plus where the message came from and why it can never be scored."""
     # A database error's own first line: not the SQL, and not its DETAIL line, which echoes the row (user text).
-    detail = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__
+    detail = (str(getattr(exc, "orig", None) or exc).splitlines() or [type(exc).__name__])[0]
     return list(rec.headers or []) + [
         ("x-error", detail[:1000].encode()),
         ("x-error-type", type(exc).__name__.encode()),

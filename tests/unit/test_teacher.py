@@ -246,3 +246,30 @@ def test_config_names_the_bad_value():
                        ({"retry_initial_s": 5.0, "retry_max_s": 1.0}, "retry_max_s")]:
         with pytest.raises(ValueError, match=match):
             ScoringConfig(**{**ok, **bad})
+
+
+def _record(headers=None):
+    from kafka.consumer.fetcher import ConsumerRecord
+
+    return ConsumerRecord("t", 1, 0, 42, 0, 0, b"k", b"v", headers or [], None, 1, 1, 0)
+
+
+def test_dead_letter_headers_keep_the_first_line_of_the_error_and_the_source():
+    from shadow_scoring.consumer import dead_letter_headers
+
+    class DBError(Exception):
+        orig = "value violates check constraint\nDETAIL: Failing row contains (secret user text)"
+
+    headers = dict(dead_letter_headers(_record([("h", b"1")]), DBError("statement [SQL ...]")))
+    assert headers["x-error"] == b"value violates check constraint"
+    assert headers["h"] == b"1" and headers["x-source-offset"] == b"42" and headers["x-error-type"] == b"DBError"
+
+
+def test_dead_letter_headers_name_an_error_without_a_message():
+    from shadow_scoring.consumer import dead_letter_headers
+
+    class Silent(Exception):
+        orig = Exception()  # a driver error with no message (truthy, but str() is empty)
+
+    assert dict(dead_letter_headers(_record(), Silent("outer")))["x-error"] == b"Silent"
+    assert dict(dead_letter_headers(_record(), ValueError()))["x-error"] == b"ValueError"
