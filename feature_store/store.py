@@ -24,7 +24,7 @@ from schemas.arrays import pack_floats, pack_ids, unpack_floats, unpack_ids
 from schemas.migrate import upgrade
 from schemas.tables import AdapterVersionRow, TeacherScoreRow, TrainingManifestRow, TrajectoryRow
 from schemas.trajectory import SamplingParams, TrajectoryV1
-from shadow_distill.errors import AlignmentError, StoreError
+from foundation.errors import AlignmentError, StoreError
 
 
 @dataclass

@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from shadow_distill.errors import ShadowDistillError
+from foundation.errors import ShadowDistillError
 
 
 def free_port() -> int:

@@ -28,7 +28,7 @@ import logging
 import re
 from typing import Any
 
-from shadow_distill.errors import ConfigError, ShadowDistillError
+from foundation.errors import ConfigError, ShadowDistillError
 
 log = logging.getLogger(__name__)
 

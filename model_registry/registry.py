@@ -43,7 +43,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
-from shadow_distill.errors import RegistryError
+from foundation.errors import RegistryError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from shadow_distill.errors import AdapterError
+from foundation.errors import AdapterError
 
 ADAPTER_META = "shadow_distill_adapter.json"
 ALLOWED_FILES = {"adapter_config.json", "adapter_model.safetensors", ADAPTER_META, "README.md"}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shadow_distill.errors import AlignmentError
+from foundation.errors import AlignmentError
 
 
 @dataclass

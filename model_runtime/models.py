@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from shadow_distill.errors import ModelNotFound
+from foundation.errors import ModelNotFound
 
 MODEL_META = "shadow_distill.json"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -33,7 +33,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from shadow_distill.errors import ConfigError, GateError
+from foundation.errors import ConfigError, GateError
 
 
 def _fmt(x: float) -> str:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.trajectory import SamplingParams
-from shadow_distill.errors import ConfigError, GateError
+from foundation.errors import ConfigError, GateError
 
 log = logging.getLogger(__name__)
 

@@ -152,7 +152,7 @@ def snapshot(cfg: NightlyConfig, start: datetime, end: datetime) -> dict:
 def manifest(cfg: NightlyConfig, key: str) -> tuple[list[str], list[str]]:
     row = store_for(cfg).get_manifest(key)
     if row is None:
-        from shadow_distill.errors import StoreError
+        from foundation.errors import StoreError
 
         raise StoreError(f"no training manifest for interval {key}: run the snapshot task first")
     return json.loads(row.train_ids_json), json.loads(row.heldout_ids_json)
@@ -253,7 +253,7 @@ def evaluate(cfg: NightlyConfig, start: datetime, end: datetime, run_id: str) ->
     heldout = store_for(cfg).load_scored(heldout_ids, cfg.teacher_id)
     prompts = [t.prompt_ids for t in heldout][: cfg.eval.kl_prompts]
     if len(prompts) < 2:
-        from shadow_distill.errors import GateError
+        from foundation.errors import GateError
 
         raise GateError(f"interval {key} has {len(prompts)} held-out trajectories; the KL gate needs at least 2")
     champ_version, champ_dir = champion_adapter(cfg, key)
@@ -309,7 +309,7 @@ def gate(cfg: NightlyConfig, start: datetime, end: datetime, run_id: str, evalua
     from model_runtime.models import ModelMeta
     from nightly_train.gate import GateInputs, evaluate_gate
     from nightly_train.ifeval import IFEvalResult
-    from shadow_distill.errors import AdapterError
+    from foundation.errors import AdapterError
 
     cand_dir = workdir_for(cfg, interval_key(start, end)) / "train" / "adapter"
     adapter_error = None
@@ -346,7 +346,7 @@ def gate(cfg: NightlyConfig, start: datetime, end: datetime, run_id: str, evalua
 def register(cfg: NightlyConfig, start: datetime, end: datetime, run_id: str, gate_result: dict,
              n_trajectories: int) -> dict:
     from model_registry.registry import RESERVED_TAGS
-    from shadow_distill import __version__ as code_version
+    from foundation.version import __version__ as code_version
 
     key = interval_key(start, end)
     gate_tags = {k: v for k, v in gate_result["tags"].items() if k not in RESERVED_TAGS}  # registry sets those

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shadow_distill.errors import StoreError
+from foundation.errors import StoreError
 
 _INT = np.dtype("<i4")
 _FLOAT = np.dtype("<f4")

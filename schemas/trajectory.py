@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from shadow_distill.errors import InvalidTrajectory, UnknownSchemaVersion
+from foundation.errors import InvalidTrajectory, UnknownSchemaVersion
 
 SCHEMA_VERSION = 1
 DEFAULT_TOPIC = "shadow.trajectories.v1"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from model_runtime.adapters import ADAPTER_META, check_adapter_dir
 from serving.engine_base import AdapterInfo, Engine
-from shadow_distill.errors import ConfigError, ShadowDistillError
+from foundation.errors import ConfigError, ShadowDistillError
 
 log = logging.getLogger(__name__)
 ChampionSource = Callable[[], "tuple[str, Path] | None"]

@@ -51,7 +51,7 @@ from serving.serving_chat import OpenAIServingChat
 from serving.serving_completion import OpenAIServingCompletion
 from serving.serving_engine import Completed, RequestContext
 from serving.trajectories import TrajectorySink
-from shadow_distill.errors import AdapterError, ConfigError, ShadowDistillError
+from foundation.errors import AdapterError, ConfigError, ShadowDistillError
 
 log = logging.getLogger(__name__)
 DEFAULT_SALT = "shadow-distill-default-salt"
@@ -331,7 +331,7 @@ def run_server(config: ServingConfig) -> None:
 
 def parse_args(argv: list[str] | None = None) -> ServingConfig:
     """One `--flag` per ServingConfig field (`--no-log-texts` for booleans); pydantic validates the values."""
-    from shadow_distill.config_flags import add_model_flags, model_from_args
+    from foundation.flags import add_model_flags, model_from_args
 
     parser = argparse.ArgumentParser(prog="python -m serving.api_server", description=__doc__.split("\n\n")[0])
     add_model_flags(parser, ServingConfig)

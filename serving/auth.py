@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shadow_distill.errors import ConfigError
+from foundation.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from serving.engine_base import (
     RowResult,
     TokenCallback,
 )
-from shadow_distill.errors import AdapterError, ConfigError, EngineError, ShadowDistillError
+from foundation.errors import AdapterError, ConfigError, EngineError, ShadowDistillError
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from serving.protocol import (
     error_response,
 )
 from serving.trajectories import TrajectorySink, caller_hash, submit_all
-from shadow_distill.errors import ShadowDistillError
+from foundation.errors import ShadowDistillError
 
 log = logging.getLogger(__name__)
 SEED_MODULUS = 2**63

@@ -48,7 +48,7 @@ from typing import Any
 from message_bus.topics import check_topic_name, producer_config
 from schemas.trajectory import TrajectoryV1
 from serving.spool import Spool
-from shadow_distill.errors import ConfigError, ShadowDistillError
+from foundation.errors import ConfigError, ShadowDistillError
 
 log = logging.getLogger(__name__)
 

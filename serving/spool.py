@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from shadow_distill.errors import ConfigError, ShadowDistillError, SpoolFull
+from foundation.errors import ConfigError, ShadowDistillError, SpoolFull
 
 log = logging.getLogger(__name__)
 

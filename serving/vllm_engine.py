@@ -44,7 +44,7 @@ from serving.engine_base import (
     RowResult,
     TokenCallback,
 )
-from shadow_distill.errors import AdapterError, ShadowDistillError
+from foundation.errors import AdapterError, ShadowDistillError
 
 log = logging.getLogger(__name__)
 TOKEN_ID_PREFIX = "token_id:"

@@ -1,11 +1,9 @@
-"""shadow-distill: the CLI, the demo and the local stack that tie the parts together.
+"""shadow-distill's application shell: the CLI, the demo and the local stack that tie the parts together.
 
-`shadow_distill.errors` is the one exception hierarchy every part raises from.
+Nothing below this package imports it (see `tests/unit/test_layers.py`); the exception hierarchy every part
+raises from lives in `foundation.errors`.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from foundation.version import __version__
 
-try:
-    __version__ = version("shadow-distill")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+source"
+__all__ = ["__version__"]

@@ -25,7 +25,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from shadow_distill.errors import ConfigError, ShadowDistillError
+from foundation.errors import ConfigError, ShadowDistillError
 
 
 def _when(text: str) -> datetime:
@@ -64,13 +64,13 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from serving.api_server import run_server
     from serving.config import ServingConfig
-    from shadow_distill.config_flags import model_from_args
+    from foundation.flags import model_from_args
 
     run_server(model_from_args(ServingConfig, args))
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from shadow_distill.config_flags import model_from_args
+    from foundation.flags import model_from_args
     from shadow_scoring.config import ScoringConfig
 
     if args.action == "run":
@@ -153,14 +153,14 @@ def cmd_stack(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from shadow_distill.demo import DemoConfig, run_demo
 
-    from shadow_distill.config_flags import model_from_args
+    from foundation.flags import model_from_args
 
     run_demo(model_from_args(DemoConfig, args))
 
 
 # ---- parser ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from shadow_distill.config_flags import add_model_flags
+    from foundation.flags import add_model_flags
 
     p = argparse.ArgumentParser(prog="shadow-distill", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true")

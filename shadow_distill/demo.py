@@ -26,7 +26,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from shadow_distill import demo_traffic as traffic
-from shadow_distill.errors import ShadowDistillError
+from foundation.errors import ShadowDistillError
 
 
 class DemoConfig(BaseModel):

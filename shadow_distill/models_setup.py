@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shadow_distill.errors import ConfigError
+from foundation.errors import ConfigError
 
 
 def prepare_layers(teacher_dir: Path, spec: str, n_drop: int, verbose: bool = False) -> list[int]:

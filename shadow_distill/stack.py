@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from message_bus.broker import TansuBroker, free_port, wait_for_port
-from shadow_distill.errors import ShadowDistillError
+from foundation.errors import ShadowDistillError
 
 BIN = Path(sys.executable).parent
 

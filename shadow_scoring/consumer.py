@@ -38,7 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from feature_store.store import FeatureStore, TeacherScores
 from schemas.trajectory import TrajectoryV1, decode_trajectory
-from shadow_distill.errors import InvalidTrajectory
+from foundation.errors import InvalidTrajectory
 from shadow_scoring.config import ScoringConfig
 from shadow_scoring.teacher import Teacher, build_teacher, check_vocab, score_in_batches
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from feature_store.store import TeacherScores
 from schemas.trajectory import TrajectoryV1
-from shadow_distill.errors import AlignmentError, ConfigError, InvalidTrajectory, TeacherUnavailable
+from foundation.errors import AlignmentError, ConfigError, InvalidTrajectory, TeacherUnavailable
 
 if TYPE_CHECKING:
     from shadow_scoring.config import ScoringConfig

@@ -32,7 +32,7 @@ from model_runtime.sampling import DecodeParams, sample
 from nightly_train.pipeline import RUN_TAG, NightlyConfig, interval_key
 from schemas.trajectory import SamplingParams, TrajectoryV1
 from shadow_distill.demo import Progress, run_airflow_dag, write_nightly_config
-from shadow_distill.errors import ShadowDistillError
+from foundation.errors import ShadowDistillError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from feature_store.store import FeatureStore, TeacherScores
 from schemas.tables import TeacherScoreRow, TrajectoryRow
 from schemas.trajectory import SamplingParams, TrajectoryV1
-from shadow_distill.errors import AlignmentError, StoreError
+from foundation.errors import AlignmentError, StoreError
 
 pytestmark = pytest.mark.integration
 

@@ -33,7 +33,7 @@ from model_registry import (
     Registry,
 )
 from model_runtime.adapters import ADAPTER_META
-from shadow_distill.errors import RegistryError, ShadowDistillError
+from foundation.errors import RegistryError, ShadowDistillError
 
 pytestmark = pytest.mark.integration
 

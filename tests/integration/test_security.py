@@ -26,7 +26,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from message_bus.broker import free_port, wait_for_port
 from message_bus.topics import consumer_config, ensure_topics
-from shadow_distill.errors import ShadowDistillError
+from foundation.errors import ShadowDistillError
 from serving.testing import make_adapter, torch_threads
 
 pytestmark = pytest.mark.integration

@@ -23,7 +23,7 @@ from message_bus.topics import consumer_config, ensure_topics, producer_config
 from schemas.trajectory import SamplingParams, TrajectoryV1, decode_trajectory
 from serving.shadow_log import ShadowLogger
 from serving.spool import Spool
-from shadow_distill.errors import ConfigError, ShadowDistillError
+from foundation.errors import ConfigError, ShadowDistillError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

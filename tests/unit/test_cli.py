@@ -28,7 +28,7 @@ def test_user_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path, mo
     monkeypatch.delenv("SHADOW_DISTILL_MLFLOW_URI", raising=False)
     if argv[0] == "models":  # an explicit layer list is parsed before any model is loaded
         from shadow_distill.models_setup import prepare_layers
-        from shadow_distill.errors import ConfigError
+        from foundation.errors import ConfigError
 
         with pytest.raises(ConfigError, match="--drop-layers 'a,b'"):
             prepare_layers(tmp_path, "a,b", 2)
@@ -75,7 +75,7 @@ def test_supervisor_stops_exactly_what_it_started(tmp_path):
 
 
 def test_a_service_that_dies_while_starting_is_reported_with_its_log(tmp_path):
-    from shadow_distill.errors import ShadowDistillError
+    from foundation.errors import ShadowDistillError
 
     sup = Supervisor(tmp_path / "stack")
     with pytest.raises(ShadowDistillError, match="boom"):

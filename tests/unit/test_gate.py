@@ -15,7 +15,7 @@ from nightly_train.gate import (
     tango_score_p,
 )
 from nightly_train.ifeval import IFEvalResult
-from shadow_distill.errors import ConfigError, GateError
+from foundation.errors import ConfigError, GateError
 
 
 def pairs(both: int = 0, regress: int = 0, improve: int = 0, neither: int = 0) -> tuple[list[bool], list[bool]]:

@@ -19,7 +19,7 @@ from nightly_train.ifeval import (
     prompt_set_fingerprint,
     score,
 )
-from shadow_distill.errors import ConfigError, GateError
+from foundation.errors import ConfigError, GateError
 
 GOOGLE_IFEVAL = Path("/work/shared/data/ifeval/input_data.jsonl")
 

@@ -191,7 +191,7 @@ def _parse(name: str, argv: list[str]):
 
 def test_every_shadow_distill_command_parses_and_validates(services, env_example):
     from serving.config import ServingConfig
-    from shadow_distill.config_flags import model_from_args
+    from foundation.flags import model_from_args
     from shadow_scoring.config import ScoringConfig
 
     commands = cli_services(services)

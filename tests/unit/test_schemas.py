@@ -8,7 +8,7 @@ import pytest
 
 from schemas.arrays import pack_floats, pack_ids, unpack_floats, unpack_ids
 from schemas.trajectory import SCHEMA_FILE, SamplingParams, TrajectoryV1, decode_trajectory, json_schema
-from shadow_distill.errors import InvalidTrajectory, StoreError, UnknownSchemaVersion
+from foundation.errors import InvalidTrajectory, StoreError, UnknownSchemaVersion
 
 
 def make(**over) -> TrajectoryV1:

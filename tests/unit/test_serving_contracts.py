@@ -15,7 +15,7 @@ from serving.config import ServingConfig
 from serving.engine_base import RowResult
 from serving.protocol import ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest
 from serving.trajectories import MemorySink, build_trajectory, caller_hash, submit_all
-from shadow_distill.errors import ConfigError
+from foundation.errors import ConfigError
 
 MSG = [{"role": "user", "content": "hi"}]
 

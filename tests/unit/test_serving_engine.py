@@ -12,7 +12,7 @@ from serving.detokenize import decode, final_text
 from serving.engine import EmbeddedEngine
 from serving.engine_base import AdapterInfo, RowRequest
 from serving.testing import make_adapter, torch_threads
-from shadow_distill.errors import AdapterError, ShadowDistillError
+from foundation.errors import AdapterError, ShadowDistillError
 
 PROMPT = (1, 300, 262, 201, 293, 275, 81, 2, 201, 1)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from serving.spool import CURSOR_FILE, HEADER, SEGMENT_SUFFIX, Spool, encode_record, read_segment
-from shadow_distill.errors import ConfigError, ShadowDistillError
+from foundation.errors import ConfigError, ShadowDistillError
 
 REPO = Path(__file__).resolve().parents[2]
 

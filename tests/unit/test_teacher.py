@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from message_bus.broker import free_port
 from model_runtime.logprobs import completion_logprobs
 from schemas.trajectory import SamplingParams, TrajectoryV1
-from shadow_distill.errors import ConfigError, InvalidTrajectory
+from foundation.errors import ConfigError, InvalidTrajectory
 from shadow_scoring.config import ScoringConfig
 from shadow_scoring.teacher import (
     EmbeddedTeacher,

@@ -1,7 +1,7 @@
-"""Build a validated pydantic config from command-line flags: one `--flag` per field, help from its description.
+"""Build a validated config from command-line flags: one `--flag` per field, help from its description.
 
 Used by every long-running service (`shadow-distill serve`, `shadow-distill score run`) so their flags always
-match their config objects; pydantic does the validation and names the bad field.
+match their config objects; pydantic does the validation and the error names the flag.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from shadow_distill.errors import ConfigError
+from foundation.config import describe_validation_error
+from foundation.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -31,8 +32,4 @@ def model_from_args(model: type[M], args: argparse.Namespace) -> M:
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        secret = any(w in field for w in ("key", "token", "secret", "password"))
-        shown = "<hidden>" if secret else repr(first.get("input"))
-        raise ConfigError(f"--{field.replace('_', '-')}: {first['msg']} (got {shown})") from None
+        raise ConfigError(describe_validation_error(exc, flag_style=True)) from None
