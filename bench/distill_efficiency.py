@@ -37,8 +37,9 @@ from typing import Literal
 
 import torch
 from peft import LoraConfig, get_peft_model
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from foundation.config import StrictConfig
 from model_runtime.chat import user_prompt_ids
 from model_runtime.logprobs import completion_logits, token_logprobs
 from model_runtime.models import ModelMeta, eos_token_ids, load_model, load_tokenizer
@@ -54,9 +55,7 @@ Method = Literal["opd", "sft", "rl"]
 StepHook = Callable[[int, torch.nn.Module, int], None]  # (steps done, student, sampled tokens this step)
 
 
-class BenchConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class BenchConfig(StrictConfig):
     methods: tuple[Method, ...] = Field(("opd", "sft", "rl"), min_length=1)
     steps: int = Field(16, ge=1, description="Optimizer steps per method.")
     prompts_per_step: int = Field(4, ge=1, description="Sequences sampled per step (RL: groups x group size).")

@@ -409,10 +409,12 @@ class Faults:
 NIGHT_CODE = """
 import json, logging, sys
 from datetime import datetime
-from nightly_train.pipeline import NightlyConfig, train
+from nightly_train.config import NightlyConfig
+from nightly_train.pipeline import Night, train
 logging.basicConfig(level=logging.INFO)
-result = train(NightlyConfig.load(sys.argv[1]), datetime.fromisoformat(sys.argv[2]), datetime.fromisoformat(sys.argv[3]))
-print("RESULT " + json.dumps(result), flush=True)
+night = Night(NightlyConfig.from_json_file(sys.argv[1]), datetime.fromisoformat(sys.argv[2]),
+              datetime.fromisoformat(sys.argv[3]))
+print("RESULT " + json.dumps(train(night).to_xcom()), flush=True)
 """
 
 
@@ -434,24 +436,28 @@ def nightly_check(cfg_path: Path, start: datetime, mid: datetime, end: datetime,
     """Night A seeds a champion; night B's training is SIGKILLed after a checkpoint, then rerun to the end."""
     from model_registry.registry import Registry
     from nightly_train import pipeline
+    from nightly_train.config import NightlyConfig
+    from nightly_train.results import GateOutcome
 
-    cfg = pipeline.NightlyConfig.load(cfg_path)
+    cfg = NightlyConfig.from_json_file(cfg_path)
+    night_a, night_b = pipeline.Night(cfg, start, mid), pipeline.Night(cfg, mid, end)
     reg = Registry(cfg.mlflow_tracking_uri, cfg.registered_model())
 
     def aliases() -> dict:
         return {a: (v.version if (v := reg.alias(a)) else None) for a in ("champion", "candidate", "previous")}
 
-    manifest = pipeline.snapshot(cfg, start, mid)
+    pipeline.snapshot(night_a)
     log_a = workdir / "night-a.log"
     train_process(cfg_path, start, mid, log_a).wait(900)
     # The seed champion skips the gate on purpose: this bench tests faults, not the quality gate.
-    seed = pipeline.register(cfg, start, mid, train_result(log_a)["run_id"], {"passed": True, "tags": {}},
-                             manifest["n_train"])
-    reg.approve(seed["version"], "bench-reviewer")
+    seeded = GateOutcome(interval_key=night_a.key, run_id=train_result(log_a)["run_id"], passed=True, tags={},
+                         table="seeded by the reliability bench")
+    seed = pipeline.register(night_a, seeded)
+    reg.approve(seed.version, "bench-reviewer")
     before = aliases()
 
-    pipeline.snapshot(cfg, mid, end)
-    folder = cfg.runs_dir / pipeline.interval_key(mid, end) / "train"
+    pipeline.snapshot(night_b)
+    folder = night_b.layout.train_dir
     log_b = workdir / "night-b.log"
     proc = train_process(cfg_path, mid, end, log_b)
     deadline = time.monotonic() + 600
@@ -465,17 +471,19 @@ def nightly_check(cfg_path: Path, start: datetime, mid: datetime, end: datetime,
     after_kill = aliases()
     rerun = train_process(cfg_path, mid, end, log_b)
     rerun_rc = rerun.wait(900)
-    history_path = folder.parent / "train_history.json"
+    history_path = night_b.layout.history_file
     history = json.loads(history_path.read_text()) if history_path.exists() else []
     tail = [ln for ln in log_b.read_text(errors="replace").splitlines() if ln.strip()][-1:]
-    return {"rerun_error": None if rerun_rc == 0 else (tail[0][:300] if tail else "?"),"seed_version": seed["version"], "aliases_before": before, "aliases_after_kill": after_kill,
+    return {"rerun_error": None if rerun_rc == 0 else (tail[0][:300] if tail else "?"), "seed_version": seed.version, "aliases_before": before, "aliases_after_kill": after_kill,
             "aliases_after_rerun": aliases(), "killed_mid_training": killed_mid, "checkpoint_at_kill": killed_after,
             "rerun_rc": rerun_rc, "rerun_first_step": history[0]["step"] if history else None,
             "rerun_steps": train_result(log_b)["steps"] if rerun_rc == 0 else None}
 
 
 def _checkpoints(folder: Path) -> list[int]:
-    root = folder / "checkpoints"
+    from nightly_train.layout import checkpoints_dir
+
+    root = checkpoints_dir(folder)
     return [int(p.name.split("-")[1]) for p in root.glob("step-*") if not p.name.endswith(".tmp")] if root.exists() else []
 
 
@@ -609,8 +617,8 @@ def wait_coverage(engine: sa.Engine, load: Load, faults: Faults, timeout_s: floa
 def run(cfg: BenchConfig) -> dict:
     from feature_store import FeatureStore
     from model_runtime.models import ModelMeta
-    from nightly_train.pipeline import NightlyConfig
-    from shadow_distill.demo import write_nightly_config
+    from nightly_train.config import NightlyConfig
+    from shadow_distill.nightly_file import write_nightly_config
     from shadow_distill.models_setup import resolve_models
 
     workdir = (cfg.workdir / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")).resolve()
@@ -629,7 +637,7 @@ def run(cfg: BenchConfig) -> dict:
             cfg_path = write_nightly_config(workdir, db_url(db), mlflow_uri, teacher_dir, student_dir, tiny=True,
                                             train={"max_steps": 30, "checkpoint_every": 2, "batch_size": 2})
             serving = stack.start_serving(sup, student_dir, bootstrap, mlflow_uri,
-                                          NightlyConfig.load(cfg_path).registered_model(), API_KEY)
+                                          NightlyConfig.from_json_file(cfg_path).registered_model(), API_KEY)
             stack.start_scorer(sup, bootstrap, db_url(db, proxy.port), teacher_dir)
             tap = Tap(bootstrap, [s.encode() for s in secrets]).start()
             faults = Faults(sup, bootstrap, serving, proxy, tap, engine, cfg)

@@ -1,13 +1,18 @@
 """Nightly on-policy distillation of the student's LoRA adapter (Airflow 3, TaskFlow).
 
-wait for scoring coverage -> enough traffic? -> snapshot -> train -> evaluate -> gate? -> register -> notify
-                                                         \-> purge (always, once the manifest is frozen)
-Every task calls `nightly_train.pipeline` and is idempotent on the data interval, so a rerun of the same night
+    wait_for_coverage -> enough_traffic -> snapshot -> train -> evaluate -> gate -> review
+                                              |                                \\-> passed? -> register -> notify
+                                              \\-> purge (always, once the manifest is frozen)
+
+Every task calls `nightly_train.pipeline` with the night (config + data interval) and hands the next task one
+small typed value (`nightly_train.results`, as JSON): the snapshot freezes the champion in the manifest, and
+every later task reads it from there. Each task is idempotent on the data interval, so a rerun of the same night
 reuses the same manifest and registers no duplicate version. Heavy imports happen inside tasks only: parsing
 this file imports nothing but Airflow.
 
 Configuration: $SHADOW_DISTILL_NIGHTLY_CONFIG names a NightlyConfig JSON file; $SHADOW_DISTILL_SCHEDULE a cron
-(default 02:00 UTC); $SHADOW_DISTILL_RETRIES and $SHADOW_DISTILL_RETRY_DELAY_S the retry policy (2, 300 s). A run's `conf` may pin the window: {"window_start": ISO, "window_end": ISO}.
+(default 02:00 UTC); $SHADOW_DISTILL_RETRIES and $SHADOW_DISTILL_RETRY_DELAY_S the retry policy (2, 300 s). A run's
+`conf` may pin the window: {"window_start": ISO, "window_end": ISO}.
 
     airflow dags test shadow_distill_nightly 2026-11-25 --conf '{"window_start": "...", "window_end": "..."}'
 """
@@ -24,22 +29,22 @@ RETRIES = int(os.environ.get("SHADOW_DISTILL_RETRIES", "2"))
 RETRY_DELAY = timedelta(seconds=float(os.environ.get("SHADOW_DISTILL_RETRY_DELAY_S", "300")))
 
 
-def _config():
-    from nightly_train.pipeline import NightlyConfig
+def _night():
+    """The night this run covers: the config file named by the environment, and the run's data interval (or the
+    window pinned in its conf)."""
+    from nightly_train.config import NightlyConfig
+    from nightly_train.pipeline import Night
 
     path = os.environ.get("SHADOW_DISTILL_NIGHTLY_CONFIG")
     if not path:
         raise RuntimeError("set SHADOW_DISTILL_NIGHTLY_CONFIG to the nightly config JSON file")
-    return NightlyConfig.load(path)
-
-
-def _window() -> tuple[datetime, datetime]:
-    """The run's data interval, or the window pinned in its conf."""
     ctx = get_current_context()
     conf = ctx["dag_run"].conf or {}
     if conf.get("window_start") and conf.get("window_end"):
-        return datetime.fromisoformat(conf["window_start"]), datetime.fromisoformat(conf["window_end"])
-    return ctx["data_interval_start"], ctx["data_interval_end"]
+        start, end = datetime.fromisoformat(conf["window_start"]), datetime.fromisoformat(conf["window_end"])
+    else:
+        start, end = ctx["data_interval_start"], ctx["data_interval_end"]
+    return Night(NightlyConfig.from_json_file(path), start, end)
 
 
 @dag(
@@ -57,63 +62,80 @@ def shadow_distill_nightly():
     def wait_for_coverage() -> PokeReturnValue:
         from nightly_train import pipeline
 
-        cfg = _config()
-        covered = pipeline.coverage(cfg, *_window())
-        return PokeReturnValue(is_done=covered >= cfg.coverage_threshold, xcom_value=covered)
+        night = _night()
+        covered = pipeline.coverage(night)
+        return PokeReturnValue(is_done=covered >= night.cfg.coverage_threshold, xcom_value=covered)
 
     @task.short_circuit(ignore_downstream_trigger_rules=False)
     def enough_traffic(_coverage: float) -> bool:
         from nightly_train import pipeline
 
-        return pipeline.enough_traffic(_config(), *_window())
+        return pipeline.enough_traffic(_night())
 
     @task
     def snapshot() -> dict:
         from nightly_train import pipeline
 
-        return pipeline.snapshot(_config(), *_window())
+        return pipeline.snapshot(_night()).to_xcom()
 
     @task
-    def train(manifest: dict) -> dict:
+    def train(_manifest: dict) -> dict:
         from nightly_train import pipeline
 
-        return {**pipeline.train(_config(), *_window()), "n_train": manifest["n_train"]}
+        return pipeline.train(_night()).to_xcom()
 
     @task
     def evaluate(trained: dict) -> dict:
         from nightly_train import pipeline
+        from nightly_train.results import Trained
 
-        return {**trained, "evaluation": pipeline.evaluate(_config(), *_window(), trained["run_id"])}
-
-    @task.short_circuit(ignore_downstream_trigger_rules=False)
-    def gate(evaluated: dict) -> dict | bool:
-        from nightly_train import pipeline
-
-        decision = pipeline.gate(_config(), *_window(), evaluated["run_id"], evaluated["evaluation"])
-        return {**evaluated, "gate": decision} if decision["passed"] else False
+        return pipeline.evaluate(_night(), Trained.from_xcom(trained)).to_xcom()
 
     @task
-    def register(gated: dict) -> dict:
+    def gate(evaluation: dict) -> dict:
         from nightly_train import pipeline
+        from nightly_train.results import Evaluation
 
-        reg = pipeline.register(_config(), *_window(), gated["run_id"], gated["gate"], gated["n_train"])
-        return {"run_id": gated["run_id"], **reg}
+        return pipeline.gate(_night(), Evaluation.from_xcom(evaluation)).to_xcom()
+
+    @task
+    def review(evaluation: dict, outcome: dict) -> str:
+        from nightly_train import pipeline
+        from nightly_train.results import Evaluation, GateOutcome
+
+        return str(pipeline.review(_night(), Evaluation.from_xcom(evaluation), GateOutcome.from_xcom(outcome)))
+
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    def passed(outcome: dict) -> bool:
+        return bool(outcome["passed"])
+
+    @task
+    def register(outcome: dict) -> dict:
+        from nightly_train import pipeline
+        from nightly_train.results import GateOutcome
+
+        return pipeline.register(_night(), GateOutcome.from_xcom(outcome)).to_xcom()
 
     @task
     def notify(summary: dict) -> None:
         from nightly_train import pipeline
 
-        pipeline.notify(_config(), summary)
+        pipeline.notify(_night().cfg, summary)
 
     @task(trigger_rule="all_done")
     def purge() -> int:
         from nightly_train import pipeline
 
-        return pipeline.purge(_config(), _window()[1])
+        return pipeline.purge(_night())
 
     manifest = snapshot()
     enough_traffic(wait_for_coverage()) >> manifest
-    notify(register(gate(evaluate(train(manifest)))))
+    evaluation = evaluate(train(manifest))
+    outcome = gate(evaluation)
+    review(evaluation, outcome)
+    registered = register(outcome)
+    passed(outcome) >> registered
+    notify(registered)
     # Purge is a leaf of its own, after the manifest is frozen: it runs whatever the night's outcome, and a
     # failed task elsewhere still fails the run (a leaf that always succeeds would mark a broken night green).
     manifest >> purge()

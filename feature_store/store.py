@@ -10,6 +10,7 @@ commit its Kafka offsets right after `ingest_scored` returns and a replay writes
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,6 +78,12 @@ def make_engine(url: str) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+@functools.cache
+def shared_store(url: str) -> FeatureStore:
+    """One store per URL and process (one engine pool, migrations applied once), not one per call or sensor poke."""
+    return FeatureStore.open(url)
 
 
 class FeatureStore:
@@ -258,14 +265,16 @@ class FeatureStore:
             return row
 
     def freeze_manifest(self, interval_key: str, start: datetime, end: datetime, teacher_id: str,
-                        train_ids: list[str], heldout_ids: list[str]) -> TrainingManifestRow:
-        """Record the training set of an interval once; a second call returns the first one unchanged."""
+                        train_ids: list[str], heldout_ids: list[str],
+                        champion_version: str | None = None) -> TrainingManifestRow:
+        """Record the training set of an interval and its champion once; a second call returns the first unchanged."""
         existing = self.get_manifest(interval_key)
         if existing is not None:
             return existing
         row = {"interval_key": interval_key, "window_start": _utc(start), "window_end": _utc(end),
                "teacher_id": teacher_id, "created_at": datetime.now(UTC), "n_train": len(train_ids),
-               "n_heldout": len(heldout_ids), "train_ids_json": json.dumps(train_ids),
+               "n_heldout": len(heldout_ids), "champion_version": champion_version,
+               "train_ids_json": json.dumps(train_ids),
                "heldout_ids_json": json.dumps(heldout_ids)}
         with Session(self.engine) as s, s.begin():
             s.execute(self._insert(TrainingManifestRow).values(row).on_conflict_do_nothing())

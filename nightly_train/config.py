@@ -1,10 +1,13 @@
-"""Typed, validated configuration of one nightly distillation run.
+"""Typed, validated configuration of the nightly distillation: one `StrictConfig` tree, checked when it loads.
 
 Small config objects build the full one (as in the Tinker cookbook): `LoraSettings`, `ImportanceSettings`,
-`RolloutSettings`, `GKDSettings` -> `TrainConfig`. Every field is validated where it is declared and documented
-by its `description`; a bad value fails with a message naming the field and the value.
+`RolloutSettings`, `GKDSettings` -> `TrainSettings` (the hyperparameters a nightly file sets) -> `TrainConfig`
+(those plus one run's paths and versions, which the pipeline fills in). `NightlyConfig` is the whole nightly file:
+its `train` section is a `TrainSettings`, its `eval` an `EvalSettings`, its `gate` the gate's `GatePolicy`, so a
+bad value anywhere fails when the file is read, naming the field and the value, not hours later in a task.
 
     TrainConfig(student_dir="...", teacher_id="smollm2-135m-instruct", output_dir="runs/2026-11-25")
+    NightlyConfig.from_json_file("nightly.json")
 """
 
 from __future__ import annotations
@@ -12,14 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from foundation.config import StrictConfig
+from nightly_train.gate import GatePolicy
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LoraSettings(_Strict):
+class LoraSettings(StrictConfig):
     rank: int = Field(16, ge=1, le=256, description="LoRA rank r.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout (0 keeps CPU runs deterministic).")
@@ -28,7 +30,7 @@ class LoraSettings(_Strict):
         min_length=1, description="Names of the linear modules that get adapters.")
 
 
-class ImportanceSettings(_Strict):
+class ImportanceSettings(StrictConfig):
     mode: Literal["none", "truncate", "clip"] = Field(
         "truncate", description="How importance ratios of logged tokens are bounded: not at all, truncated "
                                 "from above at `ratio_max`, or PPO-clipped to 1 +- `clip_eps`.")
@@ -39,14 +41,14 @@ class ImportanceSettings(_Strict):
                              "the one being trained are dropped (their states can still serve rule 2).")
 
 
-class RolloutSettings(_Strict):
+class RolloutSettings(StrictConfig):
     enabled: bool = Field(False, description="Sample fresh completions from the current adapter at "
                                              "temperature 1 on the window's prompts (rule 3 of DESIGN.md).")
     per_step: int = Field(4, ge=1, description="Fresh rollouts per optimizer step.")
     max_tokens: int = Field(96, ge=1, description="Length cap of a fresh rollout.")
 
 
-class GKDSettings(_Strict):
+class GKDSettings(StrictConfig):
     enabled: bool = Field(False, description="GKD-style mixing with teacher-generated (off-policy) "
                                              "completions, for a cold start.")
     lambda_start: float = Field(0.0, ge=0.0, le=1.0,
@@ -57,16 +59,10 @@ class GKDSettings(_Strict):
     max_tokens: int = Field(96, ge=1, description="Length cap of teacher-generated completions.")
 
 
-class TrainConfig(_Strict):
-    # ---- models and data -----------------------------------------------------------------------------------
-    student_dir: Path = Field(description="Folder of the student base model (safetensors + shadow_distill.json).")
-    teacher_id: str = Field(min_length=1, description="Which teacher's stored scores to train on.")
-    teacher_dir: Path | None = Field(None, description="Teacher model folder, needed in-process for fresh "
-                                                       "rollouts, GKD and the evaluators.")
-    init_adapter: Path | None = Field(None, description="Adapter to continue from (the current champion).")
-    current_version: int = Field(0, ge=0, description="Registry version of `init_adapter` (0 = base): "
-                                                      "staleness of a sample = current - its adapter version.")
-    output_dir: Path = Field(description="Where checkpoints and the final adapter are written.")
+class TrainSettings(StrictConfig):
+    """The hyperparameters of a night's training (the nightly file's `train` section)."""
+
+    # ---- data -----------------------------------------------------------------------------------------------
     max_trajectories: int = Field(2000, ge=1, description="At most this many trajectories (newest kept).")
     max_completion_tokens: int = Field(512, ge=1, description="Longer completions are cut to this many tokens.")
     # ---- objective ------------------------------------------------------------------------------------------
@@ -95,6 +91,24 @@ class TrainConfig(_Strict):
                                      "same adapter on CPU.")
     device: str = Field("auto", description="'auto' (CUDA with bf16 when present), 'cpu' or 'cuda'.")
 
+
+class TrainConfig(TrainSettings):
+    """One training run: the settings plus the models, the champion it continues from and where it writes."""
+
+    student_dir: Path = Field(description="Folder of the student base model (safetensors + shadow_distill.json).")
+    teacher_id: str = Field(min_length=1, description="Which teacher's stored scores to train on.")
+    teacher_dir: Path | None = Field(None, description="Teacher model folder, needed in-process for fresh "
+                                                       "rollouts, GKD and the evaluators.")
+    init_adapter: Path | None = Field(None, description="Adapter to continue from (the current champion).")
+    current_version: int = Field(0, ge=0, description="Registry version of `init_adapter` (0 = base): "
+                                                      "staleness of a sample = current - its adapter version.")
+    output_dir: Path = Field(description="Where checkpoints and the final adapter are written.")
+
+    @classmethod
+    def for_run(cls, settings: TrainSettings, **run: object) -> TrainConfig:
+        """`settings` plus one run's paths and versions (`student_dir=`, `output_dir=`, ...)."""
+        return cls.model_validate({**settings.model_dump(), **run})
+
     @model_validator(mode="after")
     def _needs_teacher(self) -> TrainConfig:
         if (self.rollouts.enabled or self.gkd.enabled) and self.teacher_dir is None:
@@ -102,3 +116,44 @@ class TrainConfig(_Strict):
         if self.init_adapter is None and self.current_version != 0:
             raise ValueError(f"current_version={self.current_version} but no init_adapter")
         return self
+
+
+class EvalSettings(StrictConfig):
+    """How the candidate and the champion are measured (the same prompts and seeds for both)."""
+
+    ifeval_path: Path | None = Field(None, description="IFEval JSONL; None = the project's own small set.")
+    ifeval_subset: int | None = Field(None, ge=1, description="Seeded subset size (None = all prompts).")
+    ifeval_seed: int = Field(0, description="Seed of the subset.")
+    ifeval_max_tokens: int = Field(128, ge=1, description="Greedy answer length cap.")
+    kl_prompts: int = Field(16, ge=2, description="Held-out prompts for the reverse-KL meter.")
+    kl_max_tokens: int = Field(64, ge=1, description="Sampled tokens per held-out prompt.")
+    seed: int = Field(0, description="Seed of the held-out samples (same for candidate and champion).")
+    greedy_prompt: str = Field("Give three tips for staying healthy.", description="Shown before/after.")
+
+
+class NightlyConfig(StrictConfig):
+    """Everything a night needs; read from a JSON file named by $SHADOW_DISTILL_NIGHTLY_CONFIG or --config."""
+
+    store_url: str = Field(description="Feature store SQLAlchemy URL.")
+    mlflow_tracking_uri: str = Field(description="MLflow tracking (and registry) URI.")
+    model_name: str | None = Field(None, description="Registered model; default 'shadow-distill-<student id>'.")
+    student_dir: Path = Field(description="Student base model folder.")
+    teacher_dir: Path = Field(description="Teacher model folder (rollouts and the evaluators run it in-process).")
+    teacher_id: str = Field(min_length=1, description="Whose stored scores to train on.")
+    runs_dir: Path = Field(description="Working folders, one per interval (checkpoints, adapters, reports).")
+    experiment: str = Field("shadow-distill-nightly", min_length=1, description="MLflow experiment of the runs.")
+    coverage_threshold: float = Field(0.99, gt=0.0, le=1.0, description="Scored fraction to wait for.")
+    min_trajectories: int = Field(8, ge=1, description="Fewer scored trajectories than this: skip the night.")
+    heldout_percent: int = Field(20, ge=1, le=90, description="Share of trajectories held out, by id hash.")
+    min_heldout: int = Field(2, ge=1, description="Held-out trajectories kept even when the share rounds lower "
+                                                  "(the KL gate needs at least 2 to compare).")
+    retention_days: int = Field(30, ge=1, description="Trajectories older than this are purged.")
+    notify_webhook: str | None = Field(None, description="POSTed a JSON summary after registration.")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="Training hyperparameters.")
+    eval: EvalSettings = Field(default_factory=EvalSettings, description="How candidate and champion are measured.")
+    gate: GatePolicy = Field(default_factory=GatePolicy, description="What the candidate must pass.")
+
+    def registered_model(self) -> str:
+        from model_runtime.models import ModelMeta
+
+        return self.model_name or f"shadow-distill-{ModelMeta.read(self.student_dir).model_id}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -110,3 +111,17 @@ def greedy_generate_fn(model, tokenizer, max_tokens: int, batch_size: int = 8) -
         return out
 
     return generate
+
+
+def student_with_adapter(student_dir: Path, adapter_dir: Path | None):
+    """The student base with `adapter_dir` merged in (or the bare base), ready for evaluation."""
+    from peft import PeftModel
+
+    from model_runtime.models import load_model
+
+    base = load_model(student_dir)
+    if adapter_dir is None:
+        return base
+    # Evaluation only reads the model: fold the LoRA update into this fresh copy of the base so generation
+    # runs at the base's speed (unmerged LoRA on every linear layer costs ~1.5x on CPU).
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().eval()

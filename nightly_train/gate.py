@@ -33,41 +33,28 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from foundation.errors import ConfigError, GateError
+from pydantic import Field
+
+from foundation.config import StrictConfig
+from foundation.errors import GateError
 
 
 def _fmt(x: float) -> str:
     return format(x, ".6g")
 
 
-@dataclass(frozen=True)
-class GatePolicy:
-    """How strict the gate is.
+class GatePolicy(StrictConfig):
+    """How strict the gate is (the nightly file's `gate` section)."""
 
-    - `ifeval_tolerance`: allowed drop in IFEval prompt-level strict accuracy (a fraction in [0, 1)).
-    - `alpha`: significance level of the one-sided paired regression test, in (0, 1).
-    - `kl_ratio`, `kl_margin`: the candidate's held-out reverse KL must be below
-      `champion_kl * kl_ratio + kl_margin` (defaults 1 and 0: strictly below the champion's).
-    - `min_prompts`: the gate refuses (GateError) to judge IFEval on fewer prompts.
-    """
-
-    ifeval_tolerance: float = 0.0
-    alpha: float = 0.05
-    kl_ratio: float = 1.0
-    kl_margin: float = 0.0
-    min_prompts: int = 20
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.ifeval_tolerance) and 0.0 <= self.ifeval_tolerance < 1.0):
-            raise ConfigError(f"ifeval_tolerance={self.ifeval_tolerance!r} must be in [0, 1)")
-        if not (math.isfinite(self.alpha) and 0.0 < self.alpha < 1.0):
-            raise ConfigError(f"alpha={self.alpha!r} must be in (0, 1)")
-        if not (math.isfinite(self.kl_ratio) and self.kl_ratio > 0.0):
-            raise ConfigError(f"kl_ratio={self.kl_ratio!r} must be a finite number > 0")
-        if not math.isfinite(self.kl_margin):
-            raise ConfigError(f"kl_margin={self.kl_margin!r} must be finite")
-        if isinstance(self.min_prompts, bool) or not isinstance(self.min_prompts, int) or self.min_prompts < 1:
-            raise ConfigError(f"min_prompts={self.min_prompts!r} must be an integer >= 1")
+    ifeval_tolerance: float = Field(0.0, ge=0.0, lt=1.0, allow_inf_nan=False, description=(
+        "Allowed drop in IFEval prompt-level strict accuracy (a fraction in [0, 1))."))
+    alpha: float = Field(0.05, gt=0.0, lt=1.0, allow_inf_nan=False, description=(
+        "Significance level of the one-sided paired regression test."))
+    kl_ratio: float = Field(1.0, gt=0.0, allow_inf_nan=False, description=(
+        "The candidate's held-out reverse KL must be below champion_kl * kl_ratio + kl_margin."))
+    kl_margin: float = Field(0.0, allow_inf_nan=False, description="See kl_ratio (defaults: strictly below).")
+    min_prompts: int = Field(20, ge=1, strict=True, description=(
+        "The gate refuses (GateError) to judge IFEval on fewer prompts."))
 
     def to_tags(self) -> dict[str, str]:
         return {f"gate.policy.{name}": _fmt(getattr(self, name)) if name != "min_prompts" else str(self.min_prompts)

@@ -42,7 +42,7 @@ from foundation.errors import ConfigError, GateError
 
 log = logging.getLogger(__name__)
 
-DEMO_PROMPTS = Path(__file__).with_name("data") / "if_demo.jsonl"
+DEMO_PROMPTS = Path(__file__).with_name("instruction_sets") / "if_demo.jsonl"
 HUB_PREFIX = "hub:"
 
 # The one decoding config of every IFEval run: greedy, so a score is a property of the weights alone, and

@@ -1,122 +1,71 @@
 """One nightly run as plain functions, one per DAG task, each idempotent on the data interval.
 
 The Airflow DAG (`dags/shadow_distill_nightly.py`) only calls these; `shadow-distill nightly run` calls them in
-order without Airflow. Every function takes the `NightlyConfig` and the interval [start, end) and can be rerun:
-- `snapshot` freezes the interval's training and held-out trajectory ids in the feature store the first time;
-- `train` reuses a finished MLflow run of the same interval, or resumes the interval's checkpoints;
-- `register` is idempotent in the registry on the interval key (no duplicate model version).
+order without Airflow (`run_night`). Data moves one way, as the small typed values of `nightly_train.results`:
+
+    snapshot(night) -> Manifest       freezes the window's train/held-out ids *and the champion* in the store
+    train(night) -> Trained           from the manifest's champion; reuses a finished run, or resumes checkpoints
+    evaluate(night, trained) -> Evaluation        candidate vs that same champion, same prompts and seeds
+    gate(night, evaluation) -> GateOutcome        pure checks (`nightly_train.gate`), tags on the MLflow run
+    review(night, evaluation, gate)               the reviewer's page, its own task
+    register(night, gate) -> Registered           idempotent in the registry on the interval key
+
+Every path of the night comes from `RunLayout`; the champion is looked up in the registry once, by `snapshot`.
 
     shadow-distill nightly run --config nightly.json --start 2026-11-24T02:00Z --end 2026-11-25T02:00Z
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from nightly_train.config import TrainConfig
+from foundation.errors import GateError, StoreError
+from nightly_train.config import NightlyConfig, TrainConfig
+from nightly_train.layout import RunLayout, interval_key
+from nightly_train.results import Evaluation, GateOutcome, Manifest, Registered, SideEvaluation, Trained
 
 log = logging.getLogger(__name__)
 RUN_TAG = "shadow_distill.interval_key"
 
 
-class EvalSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True)
+class Night:
+    """One data interval [start, end) under one configuration: what every task of the night is called with."""
 
-    ifeval_path: Path | None = Field(None, description="IFEval JSONL; None = the project's own small set.")
-    ifeval_subset: int | None = Field(None, ge=1, description="Seeded subset size (None = all prompts).")
-    ifeval_seed: int = Field(0, description="Seed of the subset.")
-    ifeval_max_tokens: int = Field(128, ge=1, description="Greedy answer length cap.")
-    kl_prompts: int = Field(16, ge=2, description="Held-out prompts for the reverse-KL meter.")
-    kl_max_tokens: int = Field(64, ge=1, description="Sampled tokens per held-out prompt.")
-    seed: int = Field(0, description="Seed of the held-out samples (same for candidate and champion).")
-    greedy_prompt: str = Field("Give three tips for staying healthy.", description="Shown before/after.")
+    cfg: NightlyConfig
+    start: datetime
+    end: datetime
 
+    @property
+    def key(self) -> str:
+        return interval_key(self.start, self.end)
 
-class GateSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.cfg.runs_dir, self.key).ensure()
 
-    ifeval_tolerance: float = 0.0
-    alpha: float = 0.05
-    kl_ratio: float = 1.0
-    kl_margin: float = 0.0
-    min_prompts: int = 20
+    @property
+    def store(self):
+        from feature_store import shared_store
 
-    def policy(self):
-        from nightly_train.gate import GatePolicy
+        return shared_store(self.cfg.store_url)
 
-        return GatePolicy(**self.model_dump())
+    def registry(self):
+        from model_registry.registry import Registry
 
+        return Registry(self.cfg.mlflow_tracking_uri, self.cfg.registered_model())
 
-class NightlyConfig(BaseModel):
-    """Everything a night needs; read from a JSON file named by $SHADOW_DISTILL_NIGHTLY_CONFIG or --config."""
+    def mlflow(self):
+        from mlflow import MlflowClient
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    store_url: str = Field(description="Feature store SQLAlchemy URL.")
-    mlflow_tracking_uri: str = Field(description="MLflow tracking (and registry) URI.")
-    model_name: str | None = Field(None, description="Registered model; default 'shadow-distill-<student id>'.")
-    student_dir: Path
-    teacher_dir: Path
-    teacher_id: str = Field(min_length=1, description="Whose stored scores to train on.")
-    runs_dir: Path = Field(description="Working folders, one per interval (checkpoints, adapters, reports).")
-    experiment: str = "shadow-distill-nightly"
-    coverage_threshold: float = Field(0.99, gt=0.0, le=1.0, description="Scored fraction to wait for.")
-    min_trajectories: int = Field(8, ge=1, description="Fewer scored trajectories than this: skip the night.")
-    heldout_percent: int = Field(20, ge=1, le=90, description="Share of trajectories held out, by id hash.")
-    min_heldout: int = Field(2, ge=1, description="Held-out trajectories kept even when the share rounds lower "
-                                                  "(the KL gate needs at least 2 to compare).")
-    retention_days: int = Field(30, ge=1, description="Trajectories older than this are purged.")
-    notify_webhook: str | None = Field(None, description="POSTed a JSON summary after registration.")
-    train: dict[str, Any] = Field(default_factory=dict,
-                                  description="TrainConfig fields (lr, steps, LoRA...) other than paths/versions.")
-    eval: EvalSettings = EvalSettings()
-    gate: GateSettings = GateSettings()
-
-    @classmethod
-    def load(cls, path: str | Path) -> NightlyConfig:
-        return cls.model_validate_json(Path(path).read_text())
-
-    def registered_model(self) -> str:
-        from model_runtime.models import ModelMeta
-
-        return self.model_name or f"shadow-distill-{ModelMeta.read(self.student_dir).model_id}"
-
-
-def interval_key(start: datetime, end: datetime) -> str:
-    return f"{start.astimezone(UTC):%Y%m%dT%H%M%SZ}-{end.astimezone(UTC):%Y%m%dT%H%M%SZ}"
-
-
-def workdir_for(cfg: NightlyConfig, key: str) -> Path:
-    path = cfg.runs_dir / key
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def store_for(cfg: NightlyConfig):
-    return _open_store(cfg.store_url)
-
-
-@functools.cache
-def _open_store(url: str):
-    """One store (engine pool, migrations applied) per URL and process, not one per call or sensor poke."""
-    from feature_store import FeatureStore
-
-    return FeatureStore.open(url)
-
-
-def _registry(cfg: NightlyConfig):
-    from model_registry.registry import Registry
-
-    return Registry(cfg.mlflow_tracking_uri, cfg.registered_model())
+        return MlflowClient(self.cfg.mlflow_tracking_uri)
 
 
 def split_heldout(trajectory_ids: list[str], percent: int, minimum: int) -> tuple[list[str], list[str]]:
@@ -129,90 +78,94 @@ def split_heldout(trajectory_ids: list[str], percent: int, minimum: int) -> tupl
     return [i for i in trajectory_ids if i not in heldout], [i for i in trajectory_ids if i in heldout]
 
 
-# ---- tasks ----------------------------------------------------------------------------------------------------
-def coverage(cfg: NightlyConfig, start: datetime, end: datetime) -> float:
-    return store_for(cfg).coverage(cfg.teacher_id, start, end)
+# ---- the manifest and the champion it froze --------------------------------------------------------------------
+def coverage(night: Night) -> float:
+    return night.store.coverage(night.cfg.teacher_id, night.start, night.end)
 
 
-def enough_traffic(cfg: NightlyConfig, start: datetime, end: datetime) -> bool:
-    n = store_for(cfg).count_scored(cfg.teacher_id, start, end)
-    log.info("interval %s has %d scored trajectories (minimum %d)", interval_key(start, end), n, cfg.min_trajectories)
-    return n >= cfg.min_trajectories
+def enough_traffic(night: Night) -> bool:
+    n = night.store.count_scored(night.cfg.teacher_id, night.start, night.end)
+    log.info("interval %s has %d scored trajectories (minimum %d)", night.key, n, night.cfg.min_trajectories)
+    return n >= night.cfg.min_trajectories
 
 
-def snapshot(cfg: NightlyConfig, start: datetime, end: datetime) -> dict:
-    """Freeze the interval's train/held-out ids (split by id hash, so it never depends on arrival order)."""
-    store, key = store_for(cfg), interval_key(start, end)
-    ids = store.scored_ids(cfg.teacher_id, start, end)
-    train_ids, heldout_ids = split_heldout(ids, cfg.heldout_percent, cfg.min_heldout)
-    row = store.freeze_manifest(key, start, end, cfg.teacher_id, train_ids, heldout_ids)
-    return {"interval_key": key, "n_train": row.n_train, "n_heldout": row.n_heldout}
+def snapshot(night: Night) -> Manifest:
+    """Freeze the interval's train/held-out ids (split by id hash) and the current champion, once."""
+    cfg, store = night.cfg, night.store
+    if store.get_manifest(night.key) is None:
+        ids = store.scored_ids(cfg.teacher_id, night.start, night.end)
+        train_ids, heldout_ids = split_heldout(ids, cfg.heldout_percent, cfg.min_heldout)
+        champ = night.registry().champion()
+        store.freeze_manifest(night.key, night.start, night.end, cfg.teacher_id, train_ids, heldout_ids,
+                              champion_version=champ.version if champ else None)
+    return frozen_manifest(night)[0]
 
 
-def manifest(cfg: NightlyConfig, key: str) -> tuple[list[str], list[str]]:
-    row = store_for(cfg).get_manifest(key)
+def frozen_manifest(night: Night) -> tuple[Manifest, list[str], list[str]]:
+    """(manifest, train ids, held-out ids) as the snapshot froze them."""
+    row = night.store.get_manifest(night.key)
     if row is None:
-        from foundation.errors import StoreError
-
-        raise StoreError(f"no training manifest for interval {key}: run the snapshot task first")
-    return json.loads(row.train_ids_json), json.loads(row.heldout_ids_json)
-
-
-def champion_adapter(cfg: NightlyConfig, key: str) -> tuple[str | None, Path | None]:
-    """(version, local adapter dir) of the current champion, or (None, None) for the bare student."""
-    registry = _registry(cfg)
-    champ = registry.champion()
-    if champ is None:
-        return None, None
-    dst = workdir_for(cfg, key) / f"champion-v{champ.version}"
-    if dst.is_dir() and any(dst.iterdir()):  # an earlier task of this night downloaded it (atomic rename)
-        return champ.version, dst
-    return champ.version, registry.download_adapter(champ.version, dst)
+        raise StoreError(f"no training manifest for interval {night.key}: run the snapshot task first")
+    manifest = Manifest(interval_key=night.key, n_train=row.n_train, n_heldout=row.n_heldout,
+                        champion_version=row.champion_version)
+    return manifest, json.loads(row.train_ids_json), json.loads(row.heldout_ids_json)
 
 
-def _finished_run(cfg: NightlyConfig, key: str):
-    from mlflow import MlflowClient
+def champion_adapter(night: Night, version: str | None) -> Path | None:
+    """The local folder of champion `version` (downloaded once per night, atomically), None for the base."""
+    if version is None:
+        return None
+    dst = night.layout.champion_dir(version)
+    if dst.is_dir() and any(dst.iterdir()):
+        return dst
+    return night.registry().download_adapter(version, dst)
 
-    client = MlflowClient(cfg.mlflow_tracking_uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
+
+# ---- train ------------------------------------------------------------------------------------------------------
+def _finished_run(night: Night):
+    client = night.mlflow()
+    exp = client.get_experiment_by_name(night.cfg.experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], f"tags.`{RUN_TAG}` = '{key}' and attributes.status = 'FINISHED'",
-                              max_results=1)
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.`{RUN_TAG}` = '{night.key}' and attributes.status = 'FINISHED'", max_results=1)
     return runs[0] if runs else None
 
 
-def train(cfg: NightlyConfig, start: datetime, end: datetime) -> dict:
-    """Train the interval's candidate from the current champion; reuse a finished run of the same interval."""
-    from mlflow import MlflowClient
+def _open_run(night: Night, champion_version: str | None) -> str:
+    """The night's MLflow run: the one a killed attempt left (its id is in the layout), else a new one."""
+    path = night.layout.mlflow_run_id_file
+    if path.exists():
+        return path.read_text().strip()
+    client = night.mlflow()
+    exp = client.get_experiment_by_name(night.cfg.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(night.cfg.experiment)
+    run_id = client.create_run(exp_id, tags={RUN_TAG: night.key, "champion_version": champion_version or "",
+                                             "mlflow.runName": f"nightly-{night.key}"}).info.run_id
+    path.write_text(run_id)
+    return run_id
 
+
+def train(night: Night) -> Trained:
+    """Train the interval's candidate from the manifest's champion; reuse a finished run of the same interval."""
     from nightly_train.data import build_examples
     from nightly_train.train import Distiller
 
-    key = interval_key(start, end)
-    done = _finished_run(cfg, key)
+    cfg, layout = night.cfg, night.layout
+    manifest, train_ids, _ = frozen_manifest(night)
+    done = _finished_run(night)
     if done is not None:
-        log.info("interval %s already trained in run %s: reusing it", key, done.info.run_id)
-        return {"run_id": done.info.run_id, "steps": int(done.data.params.get("total_steps", 0)),
-                "champion_version": done.data.tags.get("champion_version") or None}
-    train_ids, _ = manifest(cfg, key)
-    champ_version, champ_dir = champion_adapter(cfg, key)
-    workdir = workdir_for(cfg, key)
-    tcfg = TrainConfig(**{**cfg.train, "student_dir": cfg.student_dir, "teacher_id": cfg.teacher_id,
-                          "teacher_dir": cfg.teacher_dir, "init_adapter": champ_dir,
-                          "current_version": int(champ_version or 0), "output_dir": workdir / "train"})
-    trajectories = store_for(cfg).load_scored(train_ids[-tcfg.max_trajectories:], cfg.teacher_id)
+        log.info("interval %s already trained in run %s: reusing it", night.key, done.info.run_id)
+        return Trained(interval_key=night.key, run_id=done.info.run_id, reused=True,
+                       steps=int(done.data.params.get("total_steps", 0)), champion_version=manifest.champion_version)
+    champ_dir = champion_adapter(night, manifest.champion_version)
+    tcfg = TrainConfig.for_run(cfg.train, student_dir=cfg.student_dir, teacher_id=cfg.teacher_id,
+                               teacher_dir=cfg.teacher_dir, init_adapter=champ_dir,
+                               current_version=int(manifest.champion_version or 0), output_dir=layout.train_dir)
+    trajectories = night.store.load_scored(train_ids[-tcfg.max_trajectories:], cfg.teacher_id)
     examples, report = build_examples(trajectories, tcfg)
-    client = MlflowClient(cfg.mlflow_tracking_uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
-    run_id_file = workdir / "mlflow_run_id"
-    if run_id_file.exists():  # a killed attempt: continue its run and its checkpoints
-        run_id = run_id_file.read_text().strip()
-    else:
-        run_id = client.create_run(exp_id, tags={RUN_TAG: key, "champion_version": champ_version or "",
-                                                 "mlflow.runName": f"nightly-{key}"}).info.run_id
-        run_id_file.write_text(run_id)
+    run_id = _open_run(night, manifest.champion_version)
+    client = night.mlflow()
     distiller = Distiller(tcfg, examples)
     params = {k: str(v) for k, v in tcfg.model_dump().items()}
     params.update({"total_steps": str(distiller.total_steps), "n_train_trajectories": str(len(trajectories))})
@@ -231,40 +184,38 @@ def train(cfg: NightlyConfig, start: datetime, end: datetime) -> dict:
 
     result = distiller.run(log_metrics)
     client.log_artifacts(run_id, str(result.adapter_dir), "adapter")
-    (workdir / "train_history.json").write_text(json.dumps(result.history))
-    client.log_artifact(run_id, str(workdir / "train_history.json"))
+    layout.history_file.write_text(json.dumps(result.history))
+    client.log_artifact(run_id, str(layout.history_file))
     client.set_terminated(run_id, "FINISHED")
-    return {"run_id": run_id, "steps": result.steps, "champion_version": champ_version}
+    return Trained(interval_key=night.key, run_id=run_id, steps=result.steps, champion_version=manifest.champion_version)
 
 
-def evaluate(cfg: NightlyConfig, start: datetime, end: datetime, run_id: str) -> dict:
-    """IFEval (greedy) and held-out reverse/forward KL for the candidate and the champion, same prompts."""
+# ---- evaluate, gate, review -------------------------------------------------------------------------------------
+def evaluate(night: Night, trained: Trained) -> Evaluation:
+    """IFEval (greedy) and held-out reverse/forward KL for the candidate and the manifest's champion, same prompts."""
     from model_runtime.models import load_model, load_tokenizer
     from nightly_train import ifeval
-    from nightly_train.evaluate import evaluate_distillation, greedy_generate_fn
+    from nightly_train.evaluate import evaluate_distillation, greedy_generate_fn, student_with_adapter
     from schemas.trajectory import SamplingParams
 
-    key = interval_key(start, end)
-    workdir = workdir_for(cfg, key)
-    out_path = workdir / f"evaluation-{run_id}.json"
+    cfg, layout, run_id = night.cfg, night.layout, trained.run_id
+    out_path = layout.evaluation_file(run_id)
     if out_path.exists():
-        return json.loads(out_path.read_text())
-    _, heldout_ids = manifest(cfg, key)
-    heldout = store_for(cfg).load_scored(heldout_ids, cfg.teacher_id)
+        return Evaluation.read(out_path)
+    manifest, _, heldout_ids = frozen_manifest(night)
+    heldout = night.store.load_scored(heldout_ids, cfg.teacher_id)
     prompts = [t.prompt_ids for t in heldout][: cfg.eval.kl_prompts]
     if len(prompts) < 2:
-        from foundation.errors import GateError
-
-        raise GateError(f"interval {key} has {len(prompts)} held-out trajectories; the KL gate needs at least 2")
-    champ_version, champ_dir = champion_adapter(cfg, key)
-    cand_dir = workdir / "train" / "adapter"
+        raise GateError(f"interval {night.key} has {len(prompts)} held-out trajectories; the KL gate needs at least 2")
+    champ_version = manifest.champion_version
     tok = load_tokenizer(cfg.student_dir)
     teacher = load_model(cfg.teacher_dir)
     if_prompts = ifeval.load_prompts(cfg.eval.ifeval_path, subset=cfg.eval.ifeval_subset, seed=cfg.eval.ifeval_seed)
     decoding = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=cfg.eval.ifeval_max_tokens)
-    cache = ifeval.ResultCache(cfg.runs_dir / "ifeval-cache")
-    results = {}
-    for side, adapter, version in (("champion", champ_dir, champ_version), ("candidate", cand_dir, None)):
+    cache = ifeval.ResultCache(layout.ifeval_cache_dir)
+    sides = {}
+    for side, adapter, version in (("champion", champion_adapter(night, champ_version), champ_version),
+                                   ("candidate", layout.adapter_dir, None)):
         model = student_with_adapter(cfg.student_dir, adapter)
         gen = greedy_generate_fn(model, tok, cfg.eval.ifeval_max_tokens)
         cache_key = f"v{version}" if version else ("base" if side == "champion" else None)
@@ -274,93 +225,82 @@ def evaluate(cfg: NightlyConfig, start: datetime, end: datetime, run_id: str) ->
             if_res = ifeval.evaluate(if_prompts, gen)
         kl = evaluate_distillation(model, teacher, tok, prompts, max_tokens=cfg.eval.kl_max_tokens,
                                    seed=cfg.eval.seed, greedy_prompt=cfg.eval.greedy_prompt)
-        results[side] = {"ifeval": if_res.to_dict(), "distill": {**kl.as_metrics(), "greedy_answer": kl.greedy_answer},
-                         "version": version}
-    results["reference"] = f"champion:v{champ_version}" if champ_version else "base"
-    from mlflow import MlflowClient
-
-    client = MlflowClient(cfg.mlflow_tracking_uri)
+        sides[side] = SideEvaluation(version=version, ifeval=if_res.to_dict(),
+                                     distill={**kl.as_metrics(), "greedy_answer": kl.greedy_answer})
+    evaluation = Evaluation(interval_key=night.key, run_id=run_id, **sides,
+                            reference=f"champion:v{champ_version}" if champ_version else "base")
+    client = night.mlflow()
     for side in ("candidate", "champion"):
-        for name, value in results[side]["distill"].items():
+        for name, value in evaluation.side(side).distill.items():
             if isinstance(value, float) and math.isfinite(value):
                 client.log_metric(run_id, f"eval.{side}.{name}", value)
-        for name, value in ifeval.IFEvalResult.from_dict(results[side]["ifeval"]).metrics().items():
+        for name, value in ifeval.IFEvalResult.from_dict(evaluation.side(side).ifeval).metrics().items():
             client.log_metric(run_id, f"eval.{side}.{name}", value)
-    out_path.write_text(json.dumps(results, indent=1))
-    client.log_artifact(run_id, str(out_path))
-    return results
+    client.log_artifact(run_id, str(evaluation.write(out_path)))
+    return evaluation
 
 
-def student_with_adapter(student_dir: Path, adapter_dir: Path | None):
-    from peft import PeftModel
-
-    from model_runtime.models import load_model
-
-    base = load_model(student_dir)
-    if adapter_dir is None:
-        return base
-    # Evaluation only reads the model: fold the LoRA update into this fresh copy of the base so generation
-    # runs at the base's speed (unmerged LoRA on every linear layer costs ~1.5x on CPU).
-    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().eval()
-
-
-def gate(cfg: NightlyConfig, start: datetime, end: datetime, run_id: str, evaluation: dict) -> dict:
+def gate(night: Night, evaluation: Evaluation) -> GateOutcome:
+    """The gate's verdict on the candidate (pure, `nightly_train.gate`), written as tags on the night's run."""
+    from foundation.errors import AdapterError
     from model_runtime.adapters import check_adapter_dir
     from model_runtime.models import ModelMeta
     from nightly_train.gate import GateInputs, evaluate_gate
     from nightly_train.ifeval import IFEvalResult
-    from foundation.errors import AdapterError
 
-    cand_dir = workdir_for(cfg, interval_key(start, end)) / "train" / "adapter"
     adapter_error = None
     try:
-        check_adapter_dir(cand_dir, ModelMeta.read(cfg.student_dir).model_id)
+        check_adapter_dir(night.layout.adapter_dir, ModelMeta.read(night.cfg.student_dir).model_id)
     except AdapterError as exc:
         adapter_error = str(exc)
-    cand, champ = (IFEvalResult.from_dict(evaluation[s]["ifeval"]) for s in ("candidate", "champion"))
-    decision = evaluate_gate(cfg.gate.policy(), GateInputs(
-        candidate_strict=cand.per_prompt_strict, champion_strict=champ.per_prompt_strict,
-        candidate_kl=evaluation["candidate"]["distill"]["reverse_kl"],
-        champion_kl=evaluation["champion"]["distill"]["reverse_kl"], adapter_error=adapter_error,
+    cand, champ = (IFEvalResult.from_dict(evaluation.side(s).ifeval) for s in ("candidate", "champion"))
+    decision = evaluate_gate(night.cfg.gate, GateInputs.from_ifeval(
+        cand, champ, candidate_kl=evaluation.candidate.distill["reverse_kl"],
+        champion_kl=evaluation.champion.distill["reverse_kl"], adapter_error=adapter_error,
         extra_metrics={f"{s}.{k}": v for s in ("candidate", "champion")
-                       for k, v in evaluation[s]["distill"].items() if isinstance(v, float)},
-        candidate_prompt_set=cand.prompt_set, champion_prompt_set=champ.prompt_set,
-        reference=evaluation["reference"]))
-    from mlflow import MlflowClient
-
-    client = MlflowClient(cfg.mlflow_tracking_uri)
+                       for k, v in evaluation.side(s).distill.items() if isinstance(v, float)},
+        reference=evaluation.reference))
+    client = night.mlflow()
     for k, v in decision.to_tags().items():
-        client.set_tag(run_id, k, v)
-    try:  # the reviewer's page helps approval; failing to draw it must not decide the gate
-        from nightly_train.review import review_for_interval
-
-        review_dir = review_for_interval(cfg, start, end, run_id, evaluation, decision.to_tags())
-        client.log_artifacts(run_id, str(review_dir), "review")
-    except Exception as exc:
-        log.exception("review page for run %s failed", run_id)
-        client.set_tag(run_id, "review.error", str(exc)[:4000])
-    log.info("gate for %s:\n%s", run_id, decision.summary_table())
-    return {"passed": decision.passed, "tags": decision.to_tags(), "table": decision.summary_table()}
+        client.set_tag(evaluation.run_id, k, v)
+    log.info("gate for %s:\n%s", evaluation.run_id, decision.summary_table())
+    return GateOutcome(interval_key=night.key, run_id=evaluation.run_id, passed=decision.passed,
+                       tags=decision.to_tags(), table=decision.summary_table())
 
 
-def register(cfg: NightlyConfig, start: datetime, end: datetime, run_id: str, gate_result: dict,
-             n_trajectories: int) -> dict:
-    from model_registry.registry import RESERVED_TAGS
+def review(night: Night, evaluation: Evaluation, outcome: GateOutcome, *, n_cases: int = 4) -> Path:
+    """The reviewer's page for the night's candidate, logged as the run's `review/` artifact folder."""
+    from nightly_train.review import build_review
+
+    manifest, _, heldout_ids = frozen_manifest(night)
+    heldout = night.store.load_scored(heldout_ids[:n_cases], night.cfg.teacher_id)
+    out = build_review(night.cfg.student_dir, night.cfg.teacher_dir, night.layout, evaluation, outcome, heldout,
+                       champion_dir=champion_adapter(night, manifest.champion_version))
+    night.mlflow().log_artifacts(evaluation.run_id, str(out), "review")
+    return out
+
+
+# ---- register, notify, purge ------------------------------------------------------------------------------------
+def register(night: Night, outcome: GateOutcome) -> Registered:
     from foundation.version import __version__ as code_version
+    from model_registry.registry import RESERVED_TAGS
 
-    key = interval_key(start, end)
-    gate_tags = {k: v for k, v in gate_result["tags"].items() if k not in RESERVED_TAGS}  # registry sets those
-    tags = {**gate_tags, "data.window_start": start.astimezone(UTC).isoformat(),
-            "data.window_end": end.astimezone(UTC).isoformat(), "data.trajectory_count": str(n_trajectories),
-            "teacher_id": cfg.teacher_id, "code_version": code_version}
-    info = _registry(cfg).register_candidate(run_id, tags=tags, gate_passed=gate_result["passed"], interval_key=key)
-    store_for(cfg).record_adapter_version(
-        model_name=cfg.registered_model(), version=str(info.version), run_id=run_id, source_uri=info.source,
-        window_start=start, window_end=end, trajectory_count=n_trajectories, gate_passed=gate_result["passed"])
-    return {"version": str(info.version), "gate_passed": gate_result["passed"]}
+    manifest = frozen_manifest(night)[0]
+    gate_tags = {k: v for k, v in outcome.tags.items() if k not in RESERVED_TAGS}  # the registry sets those
+    tags = {**gate_tags, "data.window_start": night.start.astimezone(UTC).isoformat(),
+            "data.window_end": night.end.astimezone(UTC).isoformat(), "data.trajectory_count": str(manifest.n_train),
+            "teacher_id": night.cfg.teacher_id, "code_version": code_version}
+    info = night.registry().register_candidate(outcome.run_id, tags=tags, gate_passed=outcome.passed,
+                                               interval_key=night.key)
+    night.store.record_adapter_version(
+        model_name=night.cfg.registered_model(), version=str(info.version), run_id=outcome.run_id,
+        source_uri=info.source, window_start=night.start, window_end=night.end, trajectory_count=manifest.n_train,
+        gate_passed=outcome.passed)
+    return Registered(interval_key=night.key, run_id=outcome.run_id, version=str(info.version),
+                      gate_passed=outcome.passed)
 
 
-def notify(cfg: NightlyConfig, summary: dict) -> None:
+def notify(cfg: NightlyConfig, summary: dict[str, Any]) -> None:
     log.info("nightly summary: %s", json.dumps(summary))
     if cfg.notify_webhook:
         import httpx
@@ -368,23 +308,24 @@ def notify(cfg: NightlyConfig, summary: dict) -> None:
         httpx.post(cfg.notify_webhook, json=summary, timeout=10).raise_for_status()
 
 
-def purge(cfg: NightlyConfig, now: datetime) -> int:
-    n = store_for(cfg).purge(now - timedelta(days=cfg.retention_days))
-    log.info("purged %d trajectories older than %d days", n, cfg.retention_days)
+def purge(night: Night) -> int:
+    n = night.store.purge(night.end - timedelta(days=night.cfg.retention_days))
+    log.info("purged %d trajectories older than %d days", n, night.cfg.retention_days)
     return n
 
 
-def run_night(cfg: NightlyConfig, start: datetime, end: datetime) -> dict:
+def run_night(night: Night) -> dict[str, Any]:
     """All tasks in order, without Airflow (the DAG runs the same functions with retries and a sensor)."""
-    summary: dict[str, Any] = {"interval_key": interval_key(start, end)}
-    if not enough_traffic(cfg, start, end):
+    summary: dict[str, Any] = {"interval_key": night.key}
+    if not enough_traffic(night):
         return {**summary, "skipped": "too little traffic"}
-    manifest = snapshot(cfg, start, end)
-    trained = train(cfg, start, end)
-    evaluation = evaluate(cfg, start, end, trained["run_id"])
-    decision = gate(cfg, start, end, trained["run_id"], evaluation)
-    summary.update(manifest=manifest, run_id=trained["run_id"], steps=trained["steps"], gate_passed=decision["passed"])
-    if decision["passed"]:
-        summary.update(register(cfg, start, end, trained["run_id"], decision, manifest["n_train"]))
-    notify(cfg, summary)
+    manifest = snapshot(night)
+    trained = train(night)
+    evaluation = evaluate(night, trained)
+    outcome = gate(night, evaluation)
+    summary.update(manifest=manifest.to_xcom(), run_id=trained.run_id, steps=trained.steps, gate_passed=outcome.passed)
+    if outcome.passed:
+        summary.update(register(night, outcome).to_xcom())
+    review(night, evaluation, outcome)
+    notify(night.cfg, summary)
     return summary

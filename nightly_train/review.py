@@ -4,7 +4,7 @@ A reviewer approving `champion` should not have to read MLflow tags. Each nightl
 HTML page (inline CSS, the PNG embedded as base64 and also written beside it), logged as the run's `review/`
 artifact folder and openable from disk:
 - the gate's checks and the candidate-vs-champion table (IFEval's four metrics, held-out reverse/forward KL,
-  distinct-2, greedy answers) from the gate tags and the dict `pipeline.evaluate` returns;
+  distinct-2, greedy answers) from the gate tags and the `Evaluation` that `pipeline.evaluate` returns;
 - training curves (loss, sampled reverse KL, advantage, importance-ratio stats per step) from
   `<runs_dir>/<interval>/train_history.json`;
 - a token heatmap of the teacher's per-token penalty `log p_student(y_t) - log p_teacher(y_t)` on a few
@@ -12,28 +12,31 @@ artifact folder and openable from disk:
   *after* training (candidate) on the very same tokens. Darker = larger penalty, one span per token, the
   number in its tooltip: the case study in shared/reference/on-policy-distillation.md, per night.
 
-Pure parts (penalties from logprobs, colours, HTML) are separate from the I/O (`review_for_interval`).
+Pure parts (penalties from logprobs, colours, HTML) are separate from the I/O (`build_review`); the nightly DAG
+runs it as its own task after the gate (`pipeline.review`), and the CLI can rebuild a night's page:
 
-    python -m nightly_train.review --config nightly.json --start 2026-11-24T02:00Z --end 2026-11-25T02:00Z \\
-        --run-id <mlflow run id>        # rebuilds <runs_dir>/<interval>/review/index.html
+    shadow-distill nightly review --config nightly.json --start 2026-11-24T02:00Z --end 2026-11-25T02:00Z
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from model_runtime.logprobs import completion_logprobs
+from nightly_train.layout import RunLayout
+from nightly_train.results import Evaluation, GateOutcome
+
+if TYPE_CHECKING:
+    from feature_store import ScoredTrajectory
 
 REPORT_FILE, CURVES_FILE = "index.html", "training_curves.png"
 _WHITE, _DARK = (255, 255, 255), (103, 0, 13)  # both ends of the penalty scale (matplotlib "Reds")
@@ -278,50 +281,21 @@ def write_review(out_dir: Path, page: ReviewPage, history: Sequence[Mapping[str,
     return out_dir
 
 
-def review_for_interval(cfg, start: datetime, end: datetime, run_id: str, evaluation: Mapping[str, Any],
-                        gate_tags: Mapping[str, str], *, n_cases: int = 4, max_tokens: int = 64) -> Path:
-    """Build `<runs_dir>/<interval>/review/` for a nightly run (models are loaded once, scoring only)."""
+def build_review(student_dir: Path, teacher_dir: Path, layout: RunLayout, evaluation: Evaluation,
+                 outcome: GateOutcome, heldout: Sequence[ScoredTrajectory], *, champion_dir: Path | None,
+                 max_tokens: int = 64) -> Path:
+    """Write `layout.review_dir` for a night: the held-out trajectories scored by champion, candidate, teacher."""
     from model_runtime.models import load_model, load_tokenizer
-    from nightly_train import pipeline
+    from nightly_train.evaluate import student_with_adapter
 
-    key = pipeline.interval_key(start, end)
-    workdir = pipeline.workdir_for(cfg, key)
-    history_path = workdir / "train_history.json"
-    history = json.loads(history_path.read_text()) if history_path.exists() else []
-    _, heldout_ids = pipeline.manifest(cfg, key)
-    heldout = pipeline.store_for(cfg).load_scored(heldout_ids[:n_cases], cfg.teacher_id)
+    history = json.loads(layout.history_file.read_text()) if layout.history_file.exists() else []
     rows = [(t.trajectory_id, t.prompt_ids, t.completion_ids[:max_tokens]) for t in heldout]
-    champ_version = evaluation["champion"].get("version")
-    champ_dir = workdir / f"champion-v{champ_version}" if champ_version else None
-    if champ_dir is not None and not (champ_dir.is_dir() and any(champ_dir.iterdir())):
-        champ_dir = pipeline.champion_adapter(cfg, key)[1]
-    tok = load_tokenizer(cfg.student_dir)
+    tok = load_tokenizer(student_dir)
     with torch.no_grad():
-        cases = score_cases(pipeline.student_with_adapter(cfg.student_dir, champ_dir),
-                            pipeline.student_with_adapter(cfg.student_dir, workdir / "train" / "adapter"),
-                            load_model(cfg.teacher_dir), tok, rows)
+        cases = score_cases(student_with_adapter(student_dir, champion_dir),
+                            student_with_adapter(student_dir, layout.adapter_dir), load_model(teacher_dir), tok, rows)
+    champ_version = evaluation.champion.version
     before = f"champion v{champ_version}" if champ_version else "student base"
-    page = ReviewPage(f"Nightly candidate {key}", run_id, evaluation, gate_tags, cases, before, "candidate")
-    return write_review(workdir / "review", page, history)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from mlflow import MlflowClient
-
-    from nightly_train.pipeline import NightlyConfig, interval_key
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--start", required=True, type=datetime.fromisoformat)
-    p.add_argument("--end", required=True, type=datetime.fromisoformat)
-    p.add_argument("--run-id", required=True)
-    args = p.parse_args(argv)
-    cfg = NightlyConfig.load(args.config)
-    evaluation = json.loads((cfg.runs_dir / interval_key(args.start, args.end)
-                             / f"evaluation-{args.run_id}.json").read_text())
-    tags = MlflowClient(cfg.mlflow_tracking_uri).get_run(args.run_id).data.tags
-    print(review_for_interval(cfg, args.start, args.end, args.run_id, evaluation, tags) / REPORT_FILE)
-
-
-if __name__ == "__main__":
-    main()
+    page = ReviewPage(f"Nightly candidate {layout.interval_key}", evaluation.run_id, evaluation.model_dump(),
+                      outcome.tags, cases, before, "candidate")
+    return write_review(layout.review_dir, page, history)

@@ -34,6 +34,7 @@ from model_runtime.models import ModelMeta, eos_token_ids, load_model, load_toke
 from model_runtime.sampling import DecodeParams, sample
 from nightly_train.config import TrainConfig
 from nightly_train.data import Example, epoch_order, pad_right
+from nightly_train.layout import checkpoints_dir, trained_adapter_dir
 from nightly_train.losses import (
     full_reverse_kl,
     generalized_jsd,
@@ -189,7 +190,7 @@ class Distiller:
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
-        ckpt = self.cfg.output_dir / "checkpoints" / f"step-{step:06d}"
+        ckpt = checkpoints_dir(self.cfg.output_dir) / f"step-{step:06d}"
         tmp = ckpt.with_name(ckpt.name + ".tmp")
         save_adapter(self.model, tmp / "adapter", self.base_id)
         state = self.opt.state_dict()
@@ -200,7 +201,7 @@ class Distiller:
         return ckpt
 
     def resume(self) -> int:
-        root = self.cfg.output_dir / "checkpoints"
+        root = checkpoints_dir(self.cfg.output_dir)
         done = sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp")) if root.exists() else []
         if not done:
             return 0
@@ -262,5 +263,5 @@ class Distiller:
                      metrics.get("rollout_reverse_kl", float("nan")), metrics["tokens_per_s"])
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < self.total_steps:
                 self.save_checkpoint(step + 1)
-        adapter_dir = save_adapter(self.model, cfg.output_dir / "adapter", self.base_id)
+        adapter_dir = save_adapter(self.model, trained_adapter_dir(cfg.output_dir), self.base_id)
         return TrainResult(adapter_dir=adapter_dir, steps=self.total_steps, history=history)

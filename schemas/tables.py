@@ -99,6 +99,8 @@ class TrainingManifestRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     n_train: Mapped[int] = mapped_column(Integer)
     n_heldout: Mapped[int] = mapped_column(Integer)
+    # The champion this night continues from and is compared with (None = the student base), resolved once.
+    champion_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # JSON lists of trajectory ids; the training set is frozen here the first time the night runs.
     train_ids_json: Mapped[str] = mapped_column(Text)
     heldout_ids_json: Mapped[str] = mapped_column(Text)

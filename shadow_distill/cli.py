@@ -7,6 +7,7 @@
     shadow-distill score backfill --store-url URL --teacher DIR --since 2026-11-01
     shadow-distill store migrate --url URL | store purge --url URL --older-than 30d
     shadow-distill nightly run --config nightly.json [--start ISO --end ISO]
+    shadow-distill nightly review --config nightly.json --start ISO --end ISO     # rebuild the review page
     shadow-distill promote approve --version N --reviewer NAME   (or: promote --version N --reviewer NAME)
     shadow-distill promote rollback --actor NAME | promote status
     shadow-distill stack up | down | status
@@ -100,13 +101,33 @@ def cmd_store(args: argparse.Namespace) -> None:
         print(json.dumps({"migrated": args.url.split("@")[-1]}))
 
 
-def cmd_nightly(args: argparse.Namespace) -> None:
-    from nightly_train.pipeline import NightlyConfig, run_night
+def _night(args: argparse.Namespace):
+    from nightly_train.config import NightlyConfig
+    from nightly_train.pipeline import Night
 
-    cfg = NightlyConfig.load(args.config)
     end = _when(args.end) if args.end else datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     start = _when(args.start) if args.start else end - timedelta(days=1)
-    print(json.dumps(run_night(cfg, start, end), indent=1, default=str))
+    return Night(NightlyConfig.from_json_file(args.config), start, end)
+
+
+def cmd_nightly(args: argparse.Namespace) -> None:
+    from nightly_train import pipeline
+
+    night = _night(args)
+    if args.action == "run":
+        print(json.dumps(pipeline.run_night(night), indent=1, default=str))
+        return
+    # review: rebuild the night's page from its evaluation and gate tags (e.g. after changing the page's code)
+    from nightly_train.results import Evaluation, GateOutcome
+
+    files = night.layout.evaluation_files()
+    if not files:
+        raise ConfigError(f"interval {night.key} has no evaluation under {night.layout.root}: run the night first")
+    evaluation = Evaluation.read(files[-1])
+    tags = night.mlflow().get_run(evaluation.run_id).data.tags
+    outcome = GateOutcome(interval_key=night.key, run_id=evaluation.run_id, passed=tags.get("gate.passed") == "true",
+                          tags={k: v for k, v in tags.items() if k.startswith("gate.")}, table="")
+    print(pipeline.review(night, evaluation, outcome) / "index.html")
 
 
 def _registry(args: argparse.Namespace):
@@ -114,9 +135,9 @@ def _registry(args: argparse.Namespace):
 
     uri, name = args.tracking_uri, args.model_name
     if args.config:
-        from nightly_train.pipeline import NightlyConfig
+        from nightly_train.config import NightlyConfig
 
-        cfg = NightlyConfig.load(args.config)
+        cfg = NightlyConfig.from_json_file(args.config)
         uri, name = uri or cfg.mlflow_tracking_uri, name or cfg.registered_model()
     if not uri or not name:
         raise ConfigError("promote needs --tracking-uri and --model-name (or --config nightly.json, or the env vars "
@@ -194,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--older-than", default="30d")
     st.set_defaults(func=cmd_store)
 
-    n = sub.add_parser("nightly", help="one nightly run without Airflow")
-    n.add_argument("action", choices=["run"])
+    n = sub.add_parser("nightly", help="one nightly run without Airflow, or rebuild a night's review page")
+    n.add_argument("action", choices=["run", "review"])
     n.add_argument("--config", required=True)
     n.add_argument("--start", default=None)
     n.add_argument("--end", default=None)

@@ -23,15 +23,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from foundation.config import StrictConfig
 
 from shadow_distill import demo_traffic as traffic
+from shadow_distill.nightly_file import write_nightly_config
 from foundation.errors import ShadowDistillError
 
 
-class DemoConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class DemoConfig(StrictConfig):
     workdir: Path = Field(Path("runs/demo"), description="Each demo writes a timestamped folder under this one.")
     tiny: bool = Field(False, description="Tiny random models instead of SmolLM2 (smoke test, CI).")
     # The sensitivity check's least-sensitive pair (17, 18) barely damages SmolLM2 (held-out reverse KL ~0.24, within
@@ -48,28 +49,6 @@ class DemoConfig(BaseModel):
     ifeval_subset: int = Field(20, ge=1, description="Prompts of the project's IFEval set used by the gate.")
     reviewer: str = Field("demo-reviewer", min_length=1, description="Who approves the candidate.")
     keep_running: bool = Field(False, description="Leave the services up at the end (stop with stack down).")
-
-
-def write_nightly_config(folder: Path, store_url: str, mlflow_uri: str, teacher_dir: Path, student_dir: Path, *,
-                         tiny: bool, train: dict | None = None, eval_overrides: dict | None = None) -> Path:
-    from model_runtime.models import ModelMeta
-
-    small = {"ifeval_subset": 8, "ifeval_max_tokens": 16, "kl_prompts": 4, "kl_max_tokens": 8}
-    tiny_train = {"max_steps": 6, "epochs": 3, "batch_size": 4, "learning_rate": 1e-2, "lora": {"rank": 4, "alpha": 8}}
-    cfg = {
-        "store_url": store_url, "mlflow_tracking_uri": mlflow_uri, "student_dir": str(student_dir),
-        "teacher_dir": str(teacher_dir), "teacher_id": ModelMeta.read(teacher_dir).model_id,
-        "runs_dir": str((folder / "nightly").resolve()), "min_trajectories": 4, "coverage_threshold": 1.0,
-        "heldout_percent": 20,
-        "train": {**(tiny_train if tiny else {}), **(train or {})},
-        "eval": {**(small if tiny else {}), **(eval_overrides or {})},
-        # Tiny random models give a KL meter far noisier than SmolLM2's at 4 prompts: the smoke test checks the
-        # loop's mechanics, so its KL rule tolerates noise (kl_margin); the real demo keeps the strict default.
-        "gate": {"min_prompts": 8, "kl_margin": 5.0} if tiny else {},
-    }
-    path = folder / "nightly.json"
-    path.write_text(json.dumps(cfg, indent=1))
-    return path
 
 
 class Progress:
@@ -143,7 +122,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from message_bus.topics import ensure_topics
     from model_registry.registry import Registry
     from model_runtime.models import ModelMeta
-    from nightly_train.pipeline import NightlyConfig
+    from nightly_train.config import NightlyConfig
     from schemas.trajectory import DEAD_LETTER_TOPIC, DEFAULT_TOPIC
     from shadow_distill import stack
     from shadow_distill.models_setup import resolve_models
@@ -175,7 +154,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         cfg_path = write_nightly_config(workdir, store_url, mlflow_uri, teacher_dir, student_dir, tiny=cfg.tiny,
                                         train=train_cfg,
                                         eval_overrides=None if cfg.tiny else {"ifeval_subset": cfg.ifeval_subset})
-        nightly = NightlyConfig.load(cfg_path)
+        nightly = NightlyConfig.from_json_file(cfg_path)
         p.step("starting serving (student, shadow log on) and the teacher scorer")
         serving = stack.start_serving(sup, student_dir, bootstrap, mlflow_uri, nightly.registered_model(), api_key)
         stack.start_scorer(sup, bootstrap, store_url, teacher_dir)
@@ -243,16 +222,16 @@ def _serving_adapter(serving: str) -> str | None:
 
 
 def _nightly_numbers(nightly, start: datetime, end: datetime) -> dict:
-    from nightly_train.pipeline import interval_key
+    from nightly_train.layout import RunLayout
+    from nightly_train.results import Evaluation
 
-    folder = nightly.runs_dir / interval_key(start, end)
-    evaluations = sorted(folder.glob("evaluation-*.json"))
-    history = folder / "train_history.json"
+    layout = RunLayout.for_window(nightly.runs_dir, start, end)
+    history = layout.history_file
     out: dict = {"training_steps": len(json.loads(history.read_text())) if history.exists() else 0}
-    if evaluations:
-        ev = json.loads(evaluations[-1].read_text())
+    if evaluations := layout.evaluation_files():
+        ev = Evaluation.read(evaluations[-1])
         for side in ("champion", "candidate"):
-            d, i = ev[side]["distill"], ev[side]["ifeval"]
+            d, i = ev.side(side).distill, ev.side(side).ifeval
             out[f"heldout_{side}"] = {k: d[k] for k in ("reverse_kl", "reverse_kl_se", "forward_kl", "forward_kl_se",
                                                         "distinct_2")}
             out[f"ifeval_{side}"] = {k: i[k] for k in ("prompt_strict", "prompt_loose", "instruction_strict")}

@@ -208,7 +208,7 @@ def airflow_env(home: Path, dags_dir: Path, nightly_config: Path) -> dict[str, s
 
 # ---- CLI ---------------------------------------------------------------------------------------------------
 def cmd_up(args) -> None:
-    from shadow_distill.demo import write_nightly_config
+    from shadow_distill.nightly_file import write_nightly_config
     from shadow_distill.models_setup import resolve_models
 
     sup = Supervisor(Path(args.dir))
@@ -220,9 +220,9 @@ def cmd_up(args) -> None:
         bootstrap = start_broker(sup)
         mlflow_uri = start_mlflow(sup)
         cfg_path = write_nightly_config(sup.folder, store_url, mlflow_uri, teacher_dir, student_dir, tiny=args.tiny)
-        from nightly_train.pipeline import NightlyConfig
+        from nightly_train.config import NightlyConfig
 
-        model_name = NightlyConfig.load(cfg_path).registered_model()
+        model_name = NightlyConfig.from_json_file(cfg_path).registered_model()
         key = os.environ.get("SHADOW_DISTILL_API_KEY", "sk-local-" + os.urandom(8).hex())
         serving = start_serving(sup, student_dir, bootstrap, mlflow_uri, model_name, key)
         start_scorer(sup, bootstrap, store_url, teacher_dir)

@@ -1,6 +1,6 @@
 """Settings of the teacher scorer, validated once when the service starts.
 
-Why a pydantic model: the CLI, the Airflow DAG and the tests build the same settings from flags, env or JSON,
+Why a `StrictConfig` (a frozen pydantic model): the CLI, the Airflow DAG and the tests build the same settings from flags, env or JSON,
 and a bad value (a negative token budget, an http teacher without its vocabulary size) should fail at start-up
 with the field's name, not minutes later inside a Kafka callback.
 
@@ -15,15 +15,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from foundation.config import StrictConfig
 
 from schemas.trajectory import DEAD_LETTER_TOPIC, DEFAULT_TOPIC
 
 
-class ScoringConfig(BaseModel):
+class ScoringConfig(StrictConfig):
     """Where to read trajectories, which teacher scores them, where the scores go, and how fast."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # ---- Kafka ------------------------------------------------------------------------------------------
     bootstrap_servers: str = Field(

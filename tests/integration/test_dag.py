@@ -4,8 +4,9 @@ Four nights over one registry, in the order production would see them:
 - a normal night registers exactly one version with alias `candidate` and freezes its manifest;
 - rerunning the same window changes nothing (same manifest, same MLflow run, still one version);
 - a night with too little traffic short-circuits and still ends green;
-- after a reviewer approves version 1, a night whose candidate cannot pass a strict KL gate leaves `champion`
-  on version 1 and registers nothing.
+- after a reviewer approves version 1, a night whose candidate cannot pass a strict KL gate registers nothing and
+  moves no alias; its snapshot froze champion v1 before the reviewer moved the alias away mid-night, and every
+  later task still trained on and compared with v1.
 The feature store holds real trajectories: the tiny student's own samples, scored by the tiny teacher. The DAG
 runs through `shadow_distill.demo.run_airflow_dag`, the same call the demo makes.
 
@@ -29,10 +30,15 @@ from model_registry.registry import Registry
 from model_runtime.logprobs import completion_logprobs
 from model_runtime.models import ModelMeta, eos_token_ids, load_model, load_tokenizer
 from model_runtime.sampling import DecodeParams, sample
-from nightly_train.pipeline import RUN_TAG, NightlyConfig, interval_key
-from schemas.trajectory import SamplingParams, TrajectoryV1
-from shadow_distill.demo import Progress, run_airflow_dag, write_nightly_config
 from foundation.errors import ShadowDistillError
+from nightly_train import pipeline
+from nightly_train.config import NightlyConfig
+from nightly_train.layout import RunLayout, interval_key
+from nightly_train.pipeline import RUN_TAG
+from nightly_train.results import Evaluation
+from schemas.trajectory import SamplingParams, TrajectoryV1
+from shadow_distill.demo import Progress, run_airflow_dag
+from shadow_distill.nightly_file import write_nightly_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -110,7 +116,7 @@ def env(tmp_path_factory, tiny_models) -> Env:
     strict_cfg_path = folder / "nightly-strict.json"
     strict_cfg_path.write_text(json.dumps(strict))
     store = FeatureStore.open(store_url)
-    cfg = NightlyConfig.load(cfg_path)
+    cfg = NightlyConfig.from_json_file(cfg_path)
     assert _fill(store, teacher_dir, student_dir, NIGHT_1, 16, seed=1) >= 12
     assert _fill(store, teacher_dir, student_dir, NIGHT_QUIET, cfg.min_trajectories - 2, seed=2) < cfg.min_trajectories
     assert _fill(store, teacher_dir, student_dir, NIGHT_STRICT, 16, seed=3) >= 12
@@ -139,12 +145,18 @@ def first_night(env: Env) -> dict:
 def test_a_night_registers_one_candidate_with_its_manifest(env, first_night):
     assert env.versions() == ["1"]
     candidate = env.registry().alias("candidate")
-    assert candidate is not None and candidate.version == "1"
+    assert candidate is not None
+    assert candidate.version == "1"
     assert candidate.gate_passed
-    assert len(first_night["run_ids"]) == 1 and candidate.run_id == first_night["run_ids"][0]
+    assert len(first_night["run_ids"]) == 1
+    assert candidate.run_id == first_night["run_ids"][0]
     train_ids, heldout_ids = first_night["manifest"]
-    assert train_ids and heldout_ids and not set(train_ids) & set(heldout_ids)
-    assert (env.cfg.runs_dir / interval_key(*NIGHT_1) / "train" / "adapter").is_dir()
+    assert train_ids
+    assert heldout_ids
+    assert not set(train_ids) & set(heldout_ids)
+    layout = RunLayout.for_window(env.cfg.runs_dir, *NIGHT_1)
+    assert layout.adapter_dir.is_dir()
+    assert (layout.review_dir / "index.html").is_file()  # the review task ran
 
 
 def test_rerunning_the_same_night_changes_nothing(env, first_night):
@@ -163,18 +175,27 @@ def test_a_night_with_too_little_traffic_short_circuits_green(env, first_night):
     assert FeatureStore.open(env.cfg.store_url).get_manifest(interval_key(*NIGHT_QUIET)) is None
 
 
-def test_a_candidate_failing_the_gate_leaves_the_champion(env, first_night):
+def test_a_failing_candidate_registers_nothing_and_the_night_keeps_the_champion_its_snapshot_froze(env, first_night):
     registry = env.registry()
     registry.approve("1", "test-reviewer")
-    assert registry.champion().version == "1"
+    strict = pipeline.Night(NightlyConfig.from_json_file(env.strict_cfg_path), *NIGHT_STRICT)
+    assert pipeline.snapshot(strict).champion_version == "1"
+    # A reviewer moves the alias mid-night (here: away from every version); the night must not notice.
+    from mlflow import MlflowClient
+
+    MlflowClient(env.cfg.mlflow_tracking_uri).delete_registered_model_alias(env.cfg.registered_model(), "champion")
     env.run_dag(NIGHT_STRICT, env.strict_cfg_path)
     assert env.versions() == ["1"]
-    assert registry.champion().version == "1"
+    assert registry.champion() is None  # a failed gate moves no alias
     runs = env.runs_of(NIGHT_STRICT)
     assert len(runs) == 1, "the strict night must have trained a candidate"
     tags = runs[0].data.tags
-    assert tags["gate.passed"] == "false" and "kl" in tags["gate.failed_checks"].split(",")
-    assert tags["champion_version"] == "1"  # it trained on top of the approved champion
+    assert tags["gate.passed"] == "false"
+    assert "kl" in tags["gate.failed_checks"].split(",")
+    assert tags["champion_version"] == "1"  # trained on top of the champion the snapshot froze
+    evaluation = Evaluation.read(strict.layout.evaluation_file(runs[0].info.run_id))
+    assert evaluation.reference == "champion:v1"  # and compared with it
+    registry.approve("1", "test-reviewer")
 
 
 def test_a_failing_task_fails_the_run(env, tmp_path):

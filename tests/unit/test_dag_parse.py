@@ -21,7 +21,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
 DAG_ID = "shadow_distill_nightly"
-MAIN_CHAIN = ["wait_for_coverage", "enough_traffic", "snapshot", "train", "evaluate", "gate", "register", "notify"]
+MAIN_CHAIN = ["wait_for_coverage", "enough_traffic", "snapshot", "train", "evaluate", "gate", "passed", "register",
+              "notify"]
 HEAVY = ("torch", "transformers", "mlflow", "peft")
 
 PARSE = textwrap.dedent("""
@@ -79,10 +80,11 @@ def test_the_dag_folder_parses_without_import_errors(parsed):
     assert parsed["dag_ids"] == [DAG_ID]
 
 
-def test_the_task_graph_is_the_nightly_chain_with_purge_after_the_snapshot(parsed):
+def test_the_task_graph_is_the_nightly_chain_with_review_after_the_gate_and_purge_after_the_snapshot(parsed):
     chain_edges = [[a, b] for a, b in zip(MAIN_CHAIN, MAIN_CHAIN[1:])]
-    assert parsed["tasks"] == sorted([*MAIN_CHAIN, "purge"])
-    assert parsed["edges"] == sorted([*chain_edges, ["snapshot", "purge"]])
+    data_edges = [["gate", "register"], ["evaluate", "review"], ["gate", "review"], ["snapshot", "purge"]]
+    assert parsed["tasks"] == sorted([*MAIN_CHAIN, "review", "purge"])
+    assert parsed["edges"] == sorted([*chain_edges, *data_edges])
 
 
 def test_default_schedule_is_02_00_utc_without_catchup_one_run_at_a_time(parsed):

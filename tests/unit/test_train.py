@@ -11,6 +11,7 @@ from feature_store import ScoredTrajectory, TeacherScores
 from model_runtime.chat import user_prompt_ids
 from model_runtime.logprobs import completion_logits, completion_logprobs
 from model_runtime.models import load_model, load_tokenizer
+from nightly_train.layout import checkpoints_dir
 from model_runtime.sampling import DecodeParams, sample
 from nightly_train.config import TrainConfig
 from nightly_train.data import build_examples, choose_rule
@@ -126,7 +127,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_adapter(scored, tiny_models, t
 
     with pytest.raises(KeyboardInterrupt):
         Distiller(cfg(tiny_models, tmp_path / "killed"), examples).run(crash_after_step_3, progress=False)
-    assert (tmp_path / "killed" / "checkpoints" / "step-000002").exists()
+    assert (checkpoints_dir(tmp_path / "killed") / "step-000002").exists()
     resumed = Distiller(cfg(tiny_models, tmp_path / "killed"), examples)
     assert resumed.resume() == 2
     out = Distiller(cfg(tiny_models, tmp_path / "killed"), examples).run(progress=False)
