@@ -56,12 +56,14 @@ def test_ingest_is_idempotent_per_trajectory_and_teacher(store):
     store.ingest_scored([(a, _scores(a)), (b, _scores(b))], TEACHER)
     # The same messages again (a replay), with different numbers: nothing is written, the first write stays.
     store.ingest_scored([(a, _scores(a, shift=5.0)), (b, _scores(b))], TEACHER)
-    assert _rows(store, TrajectoryRow) == 2 and _rows(store, TeacherScoreRow) == 2
+    assert _rows(store, TrajectoryRow) == 2
+    assert _rows(store, TeacherScoreRow) == 2
     np.testing.assert_array_equal(store.load_scored(["t001"], TEACHER)[0].teacher.teacher_logprobs_C,
                                   _scores(a).teacher_logprobs_C)
     # A second teacher adds a score row, not a trajectory row.
     store.ingest_scored([(a, _scores(a, topk=2))], "other-teacher")
-    assert _rows(store, TrajectoryRow) == 2 and _rows(store, TeacherScoreRow) == 3
+    assert _rows(store, TrajectoryRow) == 2
+    assert _rows(store, TeacherScoreRow) == 3
 
 
 def test_ingest_returns_how_many_scores_were_new(store):
@@ -76,10 +78,14 @@ def test_round_trip_keeps_every_array_and_field(store):
     a = _traj(7, 3, adapter="5", n=4)
     store.ingest_scored([(a, _scores(a, topk=3))], TEACHER)
     got = store.load_scored(["t007"], TEACHER)[0]
-    assert got.prompt_ids == a.prompt_token_ids and got.completion_ids == a.completion_token_ids
+    assert got.prompt_ids == a.prompt_token_ids
+    assert got.completion_ids == a.completion_token_ids
     np.testing.assert_array_equal(got.behaviour_logprobs_C, np.float32(a.behaviour_logprobs))
-    assert got.created_at == a.created_at and got.adapter_version == "5" and got.sampling == a.sampling
-    assert got.teacher.topk == 3 and got.teacher.topk_ids_CK.tolist() == np.arange(12).reshape(4, 3).tolist()
+    assert got.created_at == a.created_at
+    assert got.adapter_version == "5"
+    assert got.sampling == a.sampling
+    assert got.teacher.topk == 3
+    assert got.teacher.topk_ids_CK.tolist() == np.arange(12).reshape(4, 3).tolist()
 
 
 def test_a_wrong_length_score_writes_nothing(store):
@@ -129,7 +135,8 @@ def test_purge_deletes_old_trajectories_and_their_scores(store):
     store.ingest_scored([(t, _scores(t)) for t in trajs], TEACHER)
     store.ingest_scored([(t, _scores(t)) for t in trajs], "other-teacher")
     assert store.purge(T0 + timedelta(minutes=120)) == 2
-    assert _rows(store, TrajectoryRow) == 2 and _rows(store, TeacherScoreRow) == 4
+    assert _rows(store, TrajectoryRow) == 2
+    assert _rows(store, TeacherScoreRow) == 4
     assert store.scored_ids(TEACHER) == ["t002", "t003"]
     assert store.purge(T0) == 0
 

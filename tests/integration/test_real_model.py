@@ -33,7 +33,8 @@ def _sample_and_rescore(model_dir, tok):
 def test_teacher_converts_offline_with_its_chat_template(teacher_dir):
     tok = load_tokenizer(teacher_dir)
     assert ModelMeta.read(teacher_dir).model_id == "smollm2-135m-instruct"
-    assert not list(teacher_dir.glob("*.bin")) and list(teacher_dir.glob("*.safetensors"))
+    assert not list(teacher_dir.glob("*.bin"))
+    assert list(teacher_dir.glob("*.safetensors"))
     ids = user_prompt_ids(tok, "hello")
     assert "<|im_start|>assistant" in tok.decode(ids)
 
@@ -51,7 +52,8 @@ def test_layer_dropped_student_keeps_a_working_kv_cache(teacher_dir, tmp_path):
     tok = load_tokenizer(teacher_dir)
     student_dir = build_student(teacher_dir, [17, 18], tmp_path / "student")
     meta = ModelMeta.read(student_dir)
-    assert meta.dropped_layers == (17, 18) and meta.parent_id == "smollm2-135m-instruct"
+    assert meta.dropped_layers == (17, 18)
+    assert meta.parent_id == "smollm2-135m-instruct"
     model = load_model(student_dir)
     assert model.config.num_hidden_layers == 28
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == list(range(28))

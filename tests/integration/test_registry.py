@@ -96,13 +96,17 @@ def actions(entries: list[dict]) -> list[str]:
 
 def test_candidate_alias_only_when_gate_passed(reg, runs):
     failed = register(reg, runs, "2025-06-01", passed=False)
-    assert failed.tags["gate.passed"] == "false" and not failed.gate_passed
-    assert reg.alias(ALIAS_CANDIDATE) is None and failed.aliases == ()
+    assert failed.tags["gate.passed"] == "false"
+    assert not failed.gate_passed
+    assert reg.alias(ALIAS_CANDIDATE) is None
+    assert failed.aliases == ()
     assert {k: failed.tags[k] for k in GATE_TAGS} == GATE_TAGS
-    assert failed.source.endswith(f"/{ADAPTER_ARTIFACT}") and failed.run_id
+    assert failed.source.endswith(f"/{ADAPTER_ARTIFACT}")
+    assert failed.run_id
 
     passed = register(reg, runs, "2025-06-02")
-    assert passed.tags["gate.passed"] == "true" and passed.aliases == (ALIAS_CANDIDATE,)
+    assert passed.tags["gate.passed"] == "true"
+    assert passed.aliases == (ALIAS_CANDIDATE,)
     assert reg.alias(ALIAS_CANDIDATE).version == passed.version != failed.version
     assert reg.champion() is None  # the pipeline never makes a champion
 
@@ -110,7 +114,8 @@ def test_candidate_alias_only_when_gate_passed(reg, runs):
 def test_register_is_idempotent_per_interval_key(reg, runs):
     first = register(reg, runs, "2025-06-03")
     again = register(reg, runs, "2025-06-03", seed=1)  # a retried night, even with a fresh run
-    assert again.version == first.version and again.run_id == first.run_id
+    assert again.version == first.version
+    assert again.run_id == first.run_id
     assert len(runs.client.search_model_versions(f"name = '{reg.model_name}'")) == 1
     assert actions(reg.audit_trail(first.version)) == ["register"]
 
@@ -158,21 +163,25 @@ def test_approve_refuses_ungated_pipeline_empty_and_unknown(reg, runs):
     for (version, reviewer), message in refusals:
         with pytest.raises(RegistryError, match=message):
             reg.approve(version, reviewer)
-    assert reg.champion() is None and reg.model_audit_trail()[-1]["details"]["alias"] == ALIAS_CANDIDATE
+    assert reg.champion() is None
+    assert reg.model_audit_trail()[-1]["details"]["alias"] == ALIAS_CANDIDATE
 
 
 def test_approve_moves_champion_to_previous_and_is_idempotent(reg, runs):
     v1, v2 = register(reg, runs, "2025-06-09"), register(reg, runs, "2025-06-10")
     first = reg.approve(v1.version, "alice")
-    assert first.aliases == (ALIAS_CHAMPION,) and reg.alias(ALIAS_PREVIOUS) is None
+    assert first.aliases == (ALIAS_CHAMPION,)
+    assert reg.alias(ALIAS_PREVIOUS) is None
     second = reg.approve(v2.version, "bob")
-    assert reg.champion().version == v2.version and reg.alias(ALIAS_PREVIOUS).version == v1.version
+    assert reg.champion().version == v2.version
+    assert reg.alias(ALIAS_PREVIOUS).version == v1.version
     assert second.tags["approved_by"] == "bob"
     assert datetime.fromisoformat(second.tags["approved_at"]).utcoffset().total_seconds() == 0
 
     trail_before = reg.audit_trail(v2.version)
     assert reg.approve(v2.version, "carol").tags["approved_by"] == "bob"  # already champion: no-op
-    assert reg.audit_trail(v2.version) == trail_before and reg.alias(ALIAS_PREVIOUS).version == v1.version
+    assert reg.audit_trail(v2.version) == trail_before
+    assert reg.alias(ALIAS_PREVIOUS).version == v1.version
 
 
 def test_rollback_restores_previous_and_a_second_rollback_undoes_it(reg, runs):
@@ -183,10 +192,13 @@ def test_rollback_restores_previous_and_a_second_rollback_undoes_it(reg, runs):
     reg.approve(v2.version, "alice")
 
     restored = reg.rollback("dave")
-    assert restored.version == v1.version and reg.champion().version == v1.version
+    assert restored.version == v1.version
+    assert reg.champion().version == v1.version
     demoted = reg.version(v2.version)
-    assert demoted.aliases == (ALIAS_CANDIDATE, ALIAS_PREVIOUS) and demoted.tags["rolled_back_by"] == "dave"
-    assert reg.rollback("erin").version == v2.version and reg.alias(ALIAS_PREVIOUS).version == v1.version
+    assert demoted.aliases == (ALIAS_CANDIDATE, ALIAS_PREVIOUS)
+    assert demoted.tags["rolled_back_by"] == "dave"
+    assert reg.rollback("erin").version == v2.version
+    assert reg.alias(ALIAS_PREVIOUS).version == v1.version
     with pytest.raises(RegistryError, match="actor is empty"):
         reg.rollback("")
 
@@ -210,8 +222,10 @@ def test_audit_trail_records_each_action(reg, runs):
 
     assert actions(reg.audit_trail(v2.version)) == ["register", "approve", "rollback"]
     register_entry, approve_entry, rollback_entry = reg.audit_trail(v2.version)
-    assert register_entry["actor"] == PIPELINE_IDENTITY and register_entry["details"]["gate_passed"] is True
-    assert approve_entry["actor"] == "bob" and approve_entry["details"]["replaced_champion"] == v1.version
+    assert register_entry["actor"] == PIPELINE_IDENTITY
+    assert register_entry["details"]["gate_passed"] is True
+    assert approve_entry["actor"] == "bob"
+    assert approve_entry["details"]["replaced_champion"] == v1.version
     assert rollback_entry["details"] == {"from": v2.version, "to": v1.version, "role": "demoted"}
     assert actions(reg.audit_trail(v1.version)) == ["register", "approve", "rollback"]
 
@@ -226,7 +240,8 @@ def test_audit_trail_records_each_action(reg, runs):
         (ALIAS_CHAMPION, v2.version, v1.version, "carol"),
         (ALIAS_PREVIOUS, v1.version, v2.version, "carol"),
     ]
-    assert all(datetime.fromisoformat(e["at"]).utcoffset().total_seconds() == 0 for e in reg.model_audit_trail())
+    assert [e["at"] for e in reg.model_audit_trail()
+            if datetime.fromisoformat(e["at"]).utcoffset().total_seconds() != 0] == []
 
 
 def test_download_returns_the_adapter_files(reg, runs, tmp_path):
@@ -234,7 +249,7 @@ def test_download_returns_the_adapter_files(reg, runs, tmp_path):
     dst = reg.download_adapter(v1.version, tmp_path / "adapters" / f"v{v1.version}")
     expected = write_adapter(tmp_path / "expected", seed=7)
     assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in expected.iterdir())
-    assert all((dst / p.name).read_bytes() == p.read_bytes() for p in expected.iterdir())
+    assert [p.name for p in expected.iterdir() if (dst / p.name).read_bytes() != p.read_bytes()] == []
     assert [p.name for p in dst.parent.iterdir()] == [dst.name]  # no staging folder left behind
     with pytest.raises(RegistryError, match="exists and is not empty"):
         reg.download_adapter(v1.version, dst)
@@ -310,22 +325,25 @@ def test_promotion_through_mlflow_server(mlflow_server, tmp_path):
     v1 = pipeline.register_candidate(runs.log(1), tags=GATE_TAGS, gate_passed=True, interval_key="n1")
     run_2 = runs.log(2)
     v2 = pipeline.register_candidate(run_2, tags=GATE_TAGS, gate_passed=True, interval_key="n2")
-    assert v1.source.startswith("mlflow-artifacts:") and pipeline.alias(ALIAS_CANDIDATE).version == v2.version
+    assert v1.source.startswith("mlflow-artifacts:")
+    assert pipeline.alias(ALIAS_CANDIDATE).version == v2.version
     assert pipeline.register_candidate(run_2, tags={}, gate_passed=True, interval_key="n2").version == v2.version
     assert len(runs.client.search_model_versions("name = 'student-served'")) == 2
 
     reviewer, serving = Registry(url, "student-served"), Registry(url, "student-served")
     reviewer.approve(v1.version, "alice")
     reviewer.approve(v2.version, "bob")
-    assert serving.champion().version == v2.version and serving.alias(ALIAS_PREVIOUS).version == v1.version
+    assert serving.champion().version == v2.version
+    assert serving.alias(ALIAS_PREVIOUS).version == v1.version
 
     dst = serving.download_adapter(v2.version, tmp_path / "served")
     expected = write_adapter(tmp_path / "expected", seed=2)
     assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in expected.iterdir())
-    assert all((dst / p.name).read_bytes() == p.read_bytes() for p in expected.iterdir())
+    assert [p.name for p in expected.iterdir() if (dst / p.name).read_bytes() != p.read_bytes()] == []
     assert any((root / "artifacts").rglob("adapter_model.safetensors"))  # stored by the server, not locally
 
-    assert reviewer.rollback("carol").version == v1.version and serving.champion().version == v1.version
+    assert reviewer.rollback("carol").version == v1.version
+    assert serving.champion().version == v1.version
     MlflowClient(tracking_uri=url, registry_uri=url).set_registered_model_alias(
         "student-served", ALIAS_CHAMPION, v2.version)  # moved in the UI
     assert serving.champion().version == v2.version

@@ -146,8 +146,10 @@ def test_every_good_trajectory_is_scored_once_and_offsets_follow(kafka_broker, s
         want = teacher.score([t], topk=2)[0]
         np.testing.assert_allclose(got.teacher.teacher_logprobs_C, want.teacher_logprobs_C, atol=1e-5)
         assert got.teacher.topk_ids_CK.tolist() == want.topk_ids_CK.tolist()
-    assert stats["messages_scored"] == stats["rows_written"] == 24 and stats["dead_lettered"] == 0
-    assert stats["tokens_scored"] == sum(len(t.completion_token_ids) for t in trajs) and stats["tokens_per_s"] > 0
+    assert stats["messages_scored"] == stats["rows_written"] == 24
+    assert stats["dead_lettered"] == 0
+    assert stats["tokens_scored"] == sum(len(t.completion_token_ids) for t in trajs)
+    assert stats["tokens_per_s"] > 0
     assert stats["consumer_lag"] == 0
     assert _kafka_offsets(kafka_broker.bootstrap, topic, cfg.group_id) == (24, 24)
     assert "shadow_scoring_messages_scored_total 24.0" in metrics
@@ -176,19 +178,24 @@ def test_poison_goes_to_the_dead_letter_topic_and_the_rest_is_stored(kafka_broke
         _step_until(service, lambda: service.stats()["messages_scored"] + service.stats()["dead_lettered"] == 12)
         stats = service.stats()
     assert sorted(store.scored_ids(teacher.teacher_id)) == sorted(t.trajectory_id for t in good)
-    assert stats["dead_lettered"] == 6 and stats["dead_lettered_by_reason"] == {"InvalidTrajectory": 5,
-                                                                                 "UnknownSchemaVersion": 1}
+    assert stats["dead_lettered"] == 6
+    assert stats["dead_lettered_by_reason"] == {"InvalidTrajectory": 5, "UnknownSchemaVersion": 1}
     dead = _read_dead_letters(kafka_broker.bootstrap, dlq, 6)
     sources = {(m.partition, m.offset): v for (k, v), m in zip(messages, metas) if k == b"poison"}
     assert len(dead) == 6
     for rec in dead:
         h = {k: v.decode() for k, v in rec.headers}
-        assert h["x-source-topic"] == topic and rec.key == b"poison"
+        assert h["x-source-topic"] == topic
+        assert rec.key == b"poison"
         value = sources[(int(h["x-source-partition"]), int(h["x-source-offset"]))]
-        assert rec.value == value and h["x-error-type"] == poison[value] and h["x-error"]
+        assert rec.value == value
+        assert h["x-error-type"] == poison[value]
+        assert h["x-error"]
     errors = sorted(dict(r.headers)["x-error"].decode() for r in dead)
-    assert any("vocabulary" in e for e in errors) and any("behaviour logprobs for" in e for e in errors)
-    assert any(e.startswith("not JSON") for e in errors) and any("schema_version 2" in e for e in errors)
+    assert any("vocabulary" in e for e in errors)
+    assert any("behaviour logprobs for" in e for e in errors)
+    assert any(e.startswith("not JSON") for e in errors)
+    assert any("schema_version 2" in e for e in errors)
 
 
 def test_a_replay_writes_no_duplicate_rows(kafka_broker, sqlite_url, tiny_models, teacher):
@@ -243,7 +250,8 @@ def test_database_down_pauses_commits_nothing_and_resumes(kafka_broker, pg_url, 
         allow_connections(False)
         _produce(kafka_broker.bootstrap, topic, [(t.key, t.to_bytes()) for t in trajs[6:]])
         _wait(lambda: service.stats()["retries"] >= 3, 30, "retries")
-        assert service.stats()["waiting_for"] == "database" and service.stats()["messages_scored"] == 6
+        assert service.stats()["waiting_for"] == "database"
+        assert service.stats()["messages_scored"] == 6
         _wait(lambda: service.stats()["consumer_lag"] == 6, 10, "lag to show the held poll")
         assert _kafka_offsets(kafka_broker.bootstrap, topic, cfg.group_id) == (12, 6)  # nothing committed
         allow_connections(True)
@@ -252,7 +260,8 @@ def test_database_down_pauses_commits_nothing_and_resumes(kafka_broker, pg_url, 
         allow_connections(True)
         stop.set()
         runner.join(30)
-    assert not runner.is_alive() and service.stats()["waiting_for"] is None
+    assert not runner.is_alive()
+    assert service.stats()["waiting_for"] is None
     assert sorted(store.scored_ids(teacher.teacher_id)) == sorted(t.trajectory_id for t in trajs)
     assert _kafka_offsets(kafka_broker.bootstrap, topic, cfg.group_id) == (12, 12)
     store.engine.dispose()
@@ -272,12 +281,15 @@ def test_a_row_the_database_refuses_is_dead_lettered_not_retried(kafka_broker, p
     with ScoringService(cfg, teacher, store) as service:
         _step_until(service, lambda: service.stats()["messages_scored"] + service.stats()["dead_lettered"] == 5)
         stats = service.stats()
-    assert stats["dead_lettered_by_reason"] == {"IntegrityError": 1} and stats["retries"] == 0
+    assert stats["dead_lettered_by_reason"] == {"IntegrityError": 1}
+    assert stats["retries"] == 0
     assert sorted(store.scored_ids(teacher.teacher_id)) == sorted(t.trajectory_id for i, t in enumerate(trajs)
                                                                   if i != 2)
     [dead] = _read_dead_letters(kafka_broker.bootstrap, dlq, 1)
     headers = dict(dead.headers)
-    assert dead.key == trajs[2].key and b"test_refuse" in headers["x-error"] and len(headers["x-error"]) < 300
+    assert dead.key == trajs[2].key
+    assert b"test_refuse" in headers["x-error"]
+    assert len(headers["x-error"]) < 300
     store.engine.dispose()
 
 
@@ -304,7 +316,8 @@ def test_sigterm_finishes_the_batch_in_hand_commits_and_exits(kafka_broker, sqli
     before = signal.getsignal(signal.SIGTERM)
     stats = ScoringService(cfg, _SigtermOnFirstScore(teacher), store).run()  # returns instead of dying
     assert signal.getsignal(signal.SIGTERM) is before
-    assert 1 <= stats["messages_scored"] <= 6 and stats["retries"] == 0
+    assert 1 <= stats["messages_scored"] <= 6
+    assert stats["retries"] == 0
     assert store.count_scored(teacher.teacher_id) == stats["messages_scored"]
     assert _kafka_offsets(kafka_broker.bootstrap, topic, cfg.group_id) == (20, stats["messages_scored"])
 

@@ -110,11 +110,15 @@ def own_broker():
 
 def test_client_settings_are_durable_and_fail_fast():
     p = producer_config("127.0.0.1:9092", linger_ms=10)
-    assert p["acks"] == "all" and p["enable_idempotence"] is True and p["linger_ms"] == 10
-    assert p["max_block_ms"] <= 5_000 and p["request_timeout_ms"] <= 5_000
+    assert p["acks"] == "all"
+    assert p["enable_idempotence"] is True
+    assert p["linger_ms"] == 10
+    assert p["max_block_ms"] <= 5_000
+    assert p["request_timeout_ms"] <= 5_000
     assert p["delivery_timeout_ms"] >= p["request_timeout_ms"] + p["linger_ms"]
     c = consumer_config("127.0.0.1:9092", "g", session_timeout_ms=9_000)
-    assert c["enable_auto_commit"] is False and c["auto_offset_reset"] == "earliest"
+    assert c["enable_auto_commit"] is False
+    assert c["auto_offset_reset"] == "earliest"
     assert c["heartbeat_interval_ms"] == 3_000
     assert consumer_config("127.0.0.1:9092", "g")["session_timeout_ms"] == 6_000
     with pytest.raises(ConfigError, match="lingr_ms"):
@@ -188,14 +192,17 @@ def test_frozen_broker_spills_to_spool_and_replays_in_order(own_broker, tmp_path
         time.sleep(1.5)  # the first burst is in flight when the outage is noticed; the second queues behind it
     wait_for(lambda: logger.stats()["spool_pending"] > 0, 10, "records spilled to the spool", logger)
     during = logger.stats()
-    assert during["sent"] == 100 and during["spooled"] >= 250
+    assert during["sent"] == 100
+    assert during["spooled"] >= 250
 
     own_broker.resume()
     wait_for(lambda: drained(logger), 30, "the spool to drain", logger)
     logger.close(timeout_s=10)
     stats = logger.stats()
-    assert stats["accepted"] == 600 and stats["dropped"] == 0
-    assert stats["sent"] + stats["replayed"] >= 600 and stats["replayed"] > 0
+    assert stats["accepted"] == 600
+    assert stats["dropped"] == 0
+    assert stats["sent"] + stats["replayed"] >= 600
+    assert stats["replayed"] > 0
 
     ids = {t.trajectory_id for t in submitted}
     by_partition = consume(own_broker.bootstrap, topic, ids)
@@ -230,7 +237,8 @@ def test_broker_restart_delivers_everything_submitted_after_the_stop(own_broker,
     ensure_topics(own_broker.bootstrap, {topic: 2})
     wait_for(lambda: drained(logger), 30, "the spool to drain", logger)
     logger.close(timeout_s=10)
-    assert logger.stats()["replayed"] >= 200 and logger.stats()["dropped"] == 0
+    assert logger.stats()["replayed"] >= 200
+    assert logger.stats()["dropped"] == 0
 
     ids_after = {t.trajectory_id for t in after}
     by_partition = consume(own_broker.bootstrap, topic, ids_after)
@@ -249,10 +257,12 @@ def test_close_with_broker_down_spools_all_and_a_new_logger_replays_in_order(own
     logger.close(timeout_s=2)
     close_s = time.monotonic() - start
     stats = logger.stats()
-    assert stats["accepted"] == stats["spool_pending"] == 200 and stats["sent"] == stats["dropped"] == 0
+    assert stats["accepted"] == stats["spool_pending"] == 200
+    assert stats["sent"] == stats["dropped"] == 0
     assert close_s < 10, f"close took {close_s:.1f} s"
     logger.submit(traj(run, 999))  # after close: refused and counted, never raised
-    assert logger.stats()["dropped"] == 1 and logger.stats()["accepted"] == 200
+    assert logger.stats()["dropped"] == 1
+    assert logger.stats()["accepted"] == 200
 
     with Spool(spool_dir) as spool:  # the spool on disk holds them in submission order
         assert [key for key, _ in spool.iter_pending()] == [t.key for t in submitted]
@@ -266,8 +276,10 @@ def test_close_with_broker_down_spools_all_and_a_new_logger_replays_in_order(own
     wait_for(lambda: drained(replayer), 20, "the replay", replayer)
     replayer.close(timeout_s=5)
     stats = replayer.stats()
-    assert stats["replayed"] + stats["sent"] == 250 and stats["replayed"] >= 200
-    assert stats["spool_pending"] == 0 and stats["spool_bytes"] == 0
+    assert stats["replayed"] + stats["sent"] == 250
+    assert stats["replayed"] >= 200
+    assert stats["spool_pending"] == 0
+    assert stats["spool_bytes"] == 0
 
     submitted += later
     ids = {t.trajectory_id for t in submitted}
@@ -289,7 +301,8 @@ def test_full_queue_spills_to_spool_without_loss_or_blocking(own_broker, tmp_pat
     logger.close(timeout_s=2)
     stats = logger.stats()
     assert stats["accepted"] == stats["spool_pending"] == 100
-    assert stats["dropped"] == 1 and stats["errors"] >= 1
+    assert stats["dropped"] == 1
+    assert stats["errors"] >= 1
 
     own_broker.resume()
     ensure_topics(own_broker.bootstrap, {topic: 1})
@@ -314,7 +327,9 @@ def test_close_while_frozen_spools_what_kafka_has_not_acknowledged(own_broker, t
     wait_for(lambda: logger.stats()["inflight"] == 50, 5, "50 sends in flight", logger)
     logger.close(timeout_s=0.3)  # shorter than send_timeout_s: they are still in flight when close gives up
     stats = logger.stats()
-    assert stats["sent"] == 1 and stats["spool_pending"] == 50 and stats["inflight"] == 0
+    assert stats["sent"] == 1
+    assert stats["spool_pending"] == 50
+    assert stats["inflight"] == 0
     own_broker.resume()
     with Spool(spool_dir) as spool:
         assert [key for key, _ in spool.iter_pending()] == [t.key for t in frozen]
@@ -359,6 +374,7 @@ def test_replay_advances_the_spool_only_over_acknowledged_records(tmp_path, monk
     logger = ShadowLogger("127.0.0.1:9", "shadow.flaky", spool_dir, batch_max=10, retry_min_s=60, retry_max_s=60)
     wait_for(lambda: logger.stats()["errors"] >= 1, 10, "the failed replay", logger)
     logger.close(timeout_s=1)
-    assert logger.stats()["replayed"] == 3 and logger.stats()["spool_pending"] == 7
+    assert logger.stats()["replayed"] == 3
+    assert logger.stats()["spool_pending"] == 7
     with Spool(spool_dir) as spool:
         assert [key for key, _ in spool.iter_pending()] == keys[3:]

@@ -59,7 +59,8 @@ def test_sampled_raw_logprobs_match_a_forward_pass_and_generate(tiny_models):
     assert results[1].completion_ids == greedy
     ref = [torch.log_softmax(sc[0], -1)[t].item() for sc, t in zip(out.scores, greedy)]
     assert torch.allclose(torch.tensor(results[1].raw_logprobs), torch.tensor(ref), atol=2e-5)
-    assert results[1].behaviour(0.0)[0] == "raw" and results[0].behaviour(1.0)[0] == "sampled"
+    assert results[1].behaviour(0.0)[0] == "raw"
+    assert results[0].behaviour(1.0)[0] == "sampled"
 
 
 def test_sampled_logprobs_are_those_of_the_processed_distribution(tiny_models):

@@ -35,7 +35,8 @@ def test_user_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path, mo
         return
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in err
+    assert "Traceback" not in err
 
 
 def test_every_config_field_is_a_flag():
@@ -44,7 +45,8 @@ def test_every_config_field_is_a_flag():
 
     parser = build_parser()
     serve = parser.parse_args(["serve", "--model-dir", "/m", "--no-log-texts", "--max-batch-size", "4"])
-    assert serve.log_texts is False and serve.max_batch_size == "4"
+    assert serve.log_texts is False
+    assert serve.max_batch_size == "4"
     for name in ServingConfig.model_fields:
         assert hasattr(serve, name)
     score = parser.parse_args(["score", "run", "--bootstrap-servers", "h:1", "--store-url", "sqlite://", "--teacher", "t"])
@@ -55,7 +57,8 @@ def test_every_config_field_is_a_flag():
 def test_models_tiny_writes_a_teacher_and_student(tmp_path, capsys):
     assert main(["models", "tiny", "--out", str(tmp_path / "m")]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert (tmp_path / "m" / "student" / "shadow_distill.json").exists() and out["teacher"].endswith("teacher")
+    assert (tmp_path / "m" / "student" / "shadow_distill.json").exists()
+    assert out["teacher"].endswith("teacher")
 
 
 def test_supervisor_stops_exactly_what_it_started(tmp_path):
@@ -65,9 +68,11 @@ def test_supervisor_stops_exactly_what_it_started(tmp_path):
     rec = sup.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        assert sup.alive(rec) and list(sup.records()) == ["sleeper"]
+        assert sup.alive(rec)
+        assert list(sup.records()) == ["sleeper"]
         sup.stop_all()
-        assert not sup.alive(rec) and sup.records() == {}
+        assert not sup.alive(rec)
+        assert sup.records() == {}
         assert bystander.poll() is None
     finally:
         bystander.kill()

@@ -32,10 +32,12 @@ def test_the_split_depends_on_the_set_of_ids_not_their_order():
     ids = _ids(40)
     train_a, heldout_a = split_heldout(ids, 25, 2)
     train_b, heldout_b = split_heldout(list(reversed(ids)), 25, 2)
-    assert set(heldout_a) == set(heldout_b) and set(train_a) == set(train_b)
+    assert set(heldout_a) == set(heldout_b)
+    assert set(train_a) == set(train_b)
     assert train_a == [i for i in ids if i in set(train_a)], "each side keeps the input order"
 
 
 def test_a_two_trajectory_window_still_trains_on_one():
     train, heldout = split_heldout(_ids(2), percent=50, minimum=2)
-    assert len(train) == 1 and len(heldout) == 1
+    assert len(train) == 1
+    assert len(heldout) == 1

@@ -87,8 +87,11 @@ def test_known_passes_and_failures_strict_and_loose():
     r = score(prompts, responses)
     assert r.per_prompt_strict == (True, False, True, False, True, False, True)
     assert r.per_prompt_loose == (True, False, True, False, True, True, True)
-    assert r.prompt_strict == pytest.approx(4 / 7) and r.prompt_loose == pytest.approx(5 / 7)
-    assert r.keys == (1, 2, 3, 4, 5, 6, 7) and r.n_prompts == 7 and r.n_instructions == 7
+    assert r.prompt_strict == pytest.approx(4 / 7)
+    assert r.prompt_loose == pytest.approx(5 / 7)
+    assert r.keys == (1, 2, 3, 4, 5, 6, 7)
+    assert r.n_prompts == 7
+    assert r.n_instructions == 7
 
 
 def test_instruction_level_pools_all_instructions_not_a_mean_of_prompts():
@@ -97,7 +100,8 @@ def test_instruction_level_pools_all_instructions_not_a_mean_of_prompts():
                            ("keywords:existence", {"keywords": ["garden"]}))
     r = score([one_instruction, three_instructions], ["No commas here.", "Red, green, blue."])
     # Instruction level: 1 passed of 4 = 0.25; a mean of per-prompt fractions would say (1/1 + 0/3) / 2 = 0.5.
-    assert r.instruction_strict == pytest.approx(0.25) and r.instruction_loose == pytest.approx(0.25)
+    assert r.instruction_strict == pytest.approx(0.25)
+    assert r.instruction_loose == pytest.approx(0.25)
     assert r.prompt_strict == pytest.approx(0.5)
     tally = r.by_instruction["punctuation:no_comma"]
     assert (tally.strict_passed, tally.loose_passed, tally.total) == (1, 1, 2)
@@ -107,8 +111,10 @@ def test_instruction_level_pools_all_instructions_not_a_mean_of_prompts():
 def test_empty_answer_fails_every_instruction_and_still_counts():
     prompts = [P(1, ("punctuation:no_comma", {}), ("detectable_format:title", {})), P(2, ("startend:quotation", {}))]
     r = score(prompts, ["", '"quoted"'])
-    assert r.n_instructions == 3 and r.instruction_strict == pytest.approx(1 / 3)
-    assert r.per_prompt_strict == (False, True) and r.per_prompt_loose == (False, True)
+    assert r.n_instructions == 3
+    assert r.instruction_strict == pytest.approx(1 / 3)
+    assert r.per_prompt_strict == (False, True)
+    assert r.per_prompt_loose == (False, True)
 
 
 def test_score_is_deterministic_and_leaves_the_callers_random_stream_alone():
@@ -119,7 +125,8 @@ def test_score_is_deterministic_and_leaves_the_callers_random_stream_alone():
     random.seed(123)
     first = score(prompts, answers)
     assert random.random() == expected
-    assert score(prompts, answers) == first and first.per_prompt_strict == (True, True)
+    assert score(prompts, answers) == first
+    assert first.per_prompt_strict == (True, True)
 
 
 def test_score_refuses_mismatched_or_non_string_responses():
@@ -139,8 +146,10 @@ def test_evaluate_generates_once_for_all_prompts_in_order():
         return ["fine", "not, fine"]
 
     r = evaluate(prompts, generate)
-    assert calls == [["first", "second"]] and r.per_prompt_strict == (True, False)
-    assert GREEDY_EVAL_DECODING.temperature == 0.0 and GREEDY_EVAL_DECODING.max_tokens == 256
+    assert calls == [["first", "second"]]
+    assert r.per_prompt_strict == (True, False)
+    assert GREEDY_EVAL_DECODING.temperature == 0.0
+    assert GREEDY_EVAL_DECODING.max_tokens == 256
 
 
 # ------------------------------------------------------------------------------------------ prompt files
@@ -193,9 +202,11 @@ DEMO_ANSWERS = {
 def test_demo_set_is_valid_and_every_prompt_can_be_satisfied():
     prompts = load_prompts()  # validated against the checker package: ids known, kwargs complete
     assert [p.key for p in prompts] == list(range(1, 41))
-    assert all(len(p.prompt) < 400 for p in prompts)
+    assert [p.key for p in prompts if len(p.prompt) >= 400] == []
     good = score(prompts, [DEMO_ANSWERS[p.key] for p in prompts])
-    assert good.prompt_strict == 1.0 and good.instruction_strict == 1.0 and good.n_instructions == 49
+    assert good.prompt_strict == 1.0
+    assert good.instruction_strict == 1.0
+    assert good.n_instructions == 49
     assert len(good.by_instruction) >= 20
     wrong = score(prompts, [DEMO_ANSWERS[(p.key % 40) + 1] for p in prompts])  # each answer to another prompt
     assert wrong.prompt_strict < 0.5
@@ -204,7 +215,8 @@ def test_demo_set_is_valid_and_every_prompt_can_be_satisfied():
 def test_subset_is_seeded_and_sorted_by_key():
     a = load_prompts(subset=10, seed=0)
     assert a == load_prompts(subset=10, seed=0)
-    assert [p.key for p in a] == sorted(p.key for p in a) and len({p.key for p in a}) == 10
+    assert [p.key for p in a] == sorted(p.key for p in a)
+    assert len({p.key for p in a}) == 10
     assert [p.key for p in load_prompts(subset=10, seed=1)] != [p.key for p in a]
     assert prompt_set_fingerprint(a) != prompt_set_fingerprint(load_prompts(subset=10, seed=1))
     for bad in (0, 41):
@@ -247,16 +259,20 @@ def test_hub_loader_reads_a_local_dataset_and_drops_none_kwargs(tmp_path, monkey
     (tmp_path / "ds").mkdir()
     write_jsonl(tmp_path / "ds" / "train.jsonl", rows)
     prompts = load_prompts(f"hub:{tmp_path / 'ds'}")  # the columnar copy gives row 2 num_words=None etc.
-    assert [p.key for p in prompts] == [1, 2] and prompts[1].kwargs == ({},)
+    assert [p.key for p in prompts] == [1, 2]
+    assert prompts[1].kwargs == ({},)
     assert prompts[0].kwargs == ({"num_words": 10, "relation": "less than"},)
 
 
 @pytest.mark.skipif(not GOOGLE_IFEVAL.exists(), reason=f"{GOOGLE_IFEVAL} not present")
 def test_google_ifeval_file_has_541_prompts_and_834_instructions():
     prompts = load_prompts(GOOGLE_IFEVAL)
-    assert len(prompts) == 541 and sum(len(p.instruction_id_list) for p in prompts) == 834
+    assert len(prompts) == 541
+    assert sum(len(p.instruction_id_list) for p in prompts) == 834
     r = score(prompts, [""] * 541)  # every instruction counted, none passed
-    assert r.n_instructions == 834 and r.instruction_loose == 0.0 and len(r.by_instruction) == 25
+    assert r.n_instructions == 834
+    assert r.instruction_loose == 0.0
+    assert len(r.by_instruction) == 25
     assert r.by_instruction["punctuation:no_comma"].total == 66
     assert r.by_instruction["length_constraints:number_sentences"].total == 52
 
@@ -270,7 +286,8 @@ def _result() -> IFEvalResult:
 def test_result_dict_round_trips_through_json():
     r = _result()
     data = json.loads(json.dumps(r.to_dict()))
-    assert data["n_prompts"] == 2 and data["n_instructions"] == 3
+    assert data["n_prompts"] == 2
+    assert data["n_instructions"] == 3
     assert data["by_instruction"]["punctuation:no_comma"] == {"strict_passed": 1, "loose_passed": 2, "total": 2}
     assert IFEvalResult.from_dict(data) == r
     assert set(r.metrics()) == {"ifeval.prompt_strict", "ifeval.prompt_loose", "ifeval.instruction_strict",
@@ -296,10 +313,12 @@ def test_get_or_evaluate_generates_only_on_a_miss(tmp_path):
         return ["ok"] * len(texts)
 
     first = cache.get_or_evaluate("base:student", prompts, generate)
-    assert cache.get_or_evaluate("base:student", prompts, generate) == first and calls == [5]
+    assert cache.get_or_evaluate("base:student", prompts, generate) == first
+    assert calls == [5]
     cache.get_or_evaluate("7", prompts, generate)
     assert calls == [5, 5]
     for entry in tmp_path.glob("*.json"):
         entry.write_text("{corrupt")  # an unreadable entry is a miss, then rewritten
-    assert cache.get_or_evaluate("base:student", prompts, generate) == first and calls == [5, 5, 5]
+    assert cache.get_or_evaluate("base:student", prompts, generate) == first
+    assert calls == [5, 5, 5]
     assert cache.get("base:student", first.prompt_set) == first

@@ -104,8 +104,10 @@ def test_healthchecks_are_complete(services):
     for name, svc in services.items():
         hc = svc.get("healthcheck")
         if hc is not None:
-            assert isinstance(hc.get("test"), list) and hc["test"][0] in ("CMD", "CMD-SHELL"), name
-            assert hc.get("interval") and hc.get("retries"), f"{name}: healthcheck needs interval and retries"
+            assert isinstance(hc.get("test"), list), name
+            assert hc["test"][0] in ("CMD", "CMD-SHELL"), name
+            assert hc.get("interval"), f"{name}: healthcheck needs interval"
+            assert hc.get("retries"), f"{name}: healthcheck needs retries"
 
 
 def test_named_volumes_and_secrets_are_declared(compose, services):
@@ -161,7 +163,8 @@ def test_kafka_is_three_kraft_nodes_replicating_three_ways_with_min_isr_two(serv
         assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}, name
         voters = [v.split("@")[1].split(":")[0] for v in env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")]
         assert sorted(voters) == sorted(brokers), f"{name}: quorum voters {voters}"
-        assert env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == "3" and env["KAFKA_MIN_INSYNC_REPLICAS"] == "2", name
+        assert env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == "3", name
+        assert env["KAFKA_MIN_INSYNC_REPLICAS"] == "2", name
         assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "3", name
         assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false", name
         assert env.get("KAFKA_LOG_RETENTION_HOURS"), name
@@ -173,7 +176,8 @@ def test_the_topic_job_creates_both_topics_durably_with_retention(services, env_
     creates = [c for c in script.split(";") if "--create" in c]
     assert {re.search(r"--topic (\S+)", c).group(1) for c in creates} == {DEFAULT_TOPIC, DEAD_LETTER_TOPIC}
     for c in creates:
-        assert "--replication-factor 3" in c and "--config min.insync.replicas=2" in c, c
+        assert "--replication-factor 3" in c, c
+        assert "--config min.insync.replicas=2" in c, c
         assert re.search(r"--config retention\.ms=\d+", c), c
         assert "--if-not-exists" in c, c
 
@@ -200,11 +204,15 @@ def test_every_shadow_distill_command_parses_and_validates(services, env_example
         args = _parse(name, [interpolate(a, env_example) for a in argv[1:]])
         if args.command == "serve":
             cfg = model_from_args(ServingConfig, args)
-            assert cfg.engine == "vllm" and cfg.vllm_url == "http://vllm-student:8000"
-            assert cfg.kafka_topic == DEFAULT_TOPIC and cfg.spool_dir is not None and cfg.follows_champion
+            assert cfg.engine == "vllm"
+            assert cfg.vllm_url == "http://vllm-student:8000"
+            assert cfg.kafka_topic == DEFAULT_TOPIC
+            assert cfg.spool_dir is not None
+            assert cfg.follows_champion
         elif args.command == "score" and args.action == "run":
             cfg = model_from_args(ScoringConfig, args)
-            assert cfg.teacher_is_http and cfg.teacher_vocab_size == 49152
+            assert cfg.teacher_is_http
+            assert cfg.teacher_vocab_size == 49152
             assert (cfg.topic, cfg.dlq_topic) == (DEFAULT_TOPIC, DEAD_LETTER_TOPIC)
             assert cfg.metrics_port is not None
 

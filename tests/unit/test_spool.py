@@ -115,7 +115,8 @@ def test_rotation_and_deletion_once_acked(tmp_path):
         assert list(spool.iter_pending()) == records(5, start=5)
         assert json.loads((tmp_path / CURSOR_FILE).read_text())["offset"] == one
         spool.ack(5)
-        assert segment_files(tmp_path) == [] and spool.bytes_on_disk == 0
+        assert segment_files(tmp_path) == []
+        assert spool.bytes_on_disk == 0
         spool.append(records(1, start=10))
         assert list(spool.iter_pending()) == records(1, start=10)
     with Spool(tmp_path) as spool:

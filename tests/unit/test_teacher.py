@@ -128,10 +128,12 @@ def test_a_row_the_teacher_rejects_costs_only_itself(teacher):
     poison = _traj("p", [3, 4], [teacher.vocab_size + 5])
     rec = _Recording(teacher)
     results = score_in_batches(rec, [BATCH[0], poison, BATCH[1]], batch_tokens=1000)
-    assert isinstance(results[1], InvalidTrajectory) and "vocabulary" in str(results[1])
+    assert isinstance(results[1], InvalidTrajectory)
+    assert "vocabulary" in str(results[1])
     np.testing.assert_allclose(results[0].teacher_logprobs_C, _by_hand(teacher.model, BATCH[0]), atol=1e-5)
     np.testing.assert_allclose(results[2].teacher_logprobs_C, _by_hand(teacher.model, BATCH[1]), atol=1e-5)
-    assert rec.batches[0] == ["p", "b", "a"] and len(rec.batches) == 4  # the batch, then row by row
+    assert rec.batches[0] == ["p", "b", "a"]
+    assert len(rec.batches) == 4  # the batch, then row by row
 
 
 # ---- a vLLM-compatible server, served from the embedded teacher -------------------------------------------------
@@ -191,7 +193,9 @@ def test_openai_teacher_gives_the_embedded_teachers_logprobs(teacher, vllm_serve
     got = score_in_batches(remote, BATCH, batch_tokens=1000, topk=4)
     want = teacher.score(BATCH, topk=4)
     body = state["requests"][0]
-    assert len(state["requests"]) == 1 and body["max_tokens"] == 1 and body["prompt_logprobs"] == 4
+    assert len(state["requests"]) == 1
+    assert body["max_tokens"] == 1
+    assert body["prompt_logprobs"] == 4
     assert sorted(map(len, body["prompt"])) == sorted(len(t.prompt_token_ids + t.completion_token_ids) for t in BATCH)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g.teacher_logprobs_C, w.teacher_logprobs_C, atol=1e-5)
@@ -205,7 +209,8 @@ def test_openai_teacher_maps_server_refusals(teacher, vllm_server):
     # The server, not the client, catches this token: the client was told a larger vocabulary.
     remote = OpenAITeacher(url, "tiny-teacher", vocab_size=teacher.vocab_size + 100)
     results = score_in_batches(remote, [BATCH[0], _traj("p", [1], [teacher.vocab_size + 1])], batch_tokens=1000)
-    assert isinstance(results[1], InvalidTrajectory) and "400" in str(results[1])
+    assert isinstance(results[1], InvalidTrajectory)
+    assert "400" in str(results[1])
     np.testing.assert_allclose(results[0].teacher_logprobs_C, _by_hand(teacher.model, BATCH[0]), atol=1e-5)
     with pytest.raises(ConfigError, match="404"):
         OpenAITeacher(url, "no-such-model", vocab_size=10).probe()
@@ -237,7 +242,8 @@ def test_config_names_the_bad_value():
     ok = dict(bootstrap_servers="127.0.0.1:9092", store_url="sqlite:///x.db", teacher="/models/teacher")
     cfg = ScoringConfig(**ok, session_timeout_ms=6000, group_id="g1")
     consumer = cfg.consumer_settings()
-    assert consumer["enable_auto_commit"] is False and consumer["group_id"] == "g1"
+    assert consumer["enable_auto_commit"] is False
+    assert consumer["group_id"] == "g1"
     assert (consumer["session_timeout_ms"], consumer["heartbeat_interval_ms"]) == (6000, 2000)
     assert cfg.producer_settings()["acks"] == "all"
     for bad, match in [({"batch_tokens": 0}, "batch_tokens"), ({"bootstrap_servers": "localhost"}, "host:port"),
@@ -262,7 +268,9 @@ def test_dead_letter_headers_keep_the_first_line_of_the_error_and_the_source():
 
     headers = dict(dead_letter_headers(_record([("h", b"1")]), DBError("statement [SQL ...]")))
     assert headers["x-error"] == b"value violates check constraint"
-    assert headers["h"] == b"1" and headers["x-source-offset"] == b"42" and headers["x-error-type"] == b"DBError"
+    assert headers["h"] == b"1"
+    assert headers["x-source-offset"] == b"42"
+    assert headers["x-error-type"] == b"DBError"
 
 
 def test_dead_letter_headers_name_an_error_without_a_message():
