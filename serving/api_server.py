@@ -1,4 +1,5 @@
-"""The FastAPI app: routes, auth, OpenAI error bodies; `run_server(config)` wires engine, shadow log, watcher.
+"""The app factory `build_app` (state, middleware, error handlers, the routes of `serving.routes`, OpenAPI) and
+`run_server(config)`, which wires engine, shadow log and watcher.
 
 Routes (vLLM-compatible where vLLM has them):
     POST /v1/chat/completions, POST /v1/completions, GET /v1/models       Bearer API key
@@ -9,7 +10,7 @@ Run it:
     python -m serving.api_server --model-dir <student> --port 8000 --api-keys-file keys.json \\
         --kafka-bootstrap 127.0.0.1:9092 --adapters-root /srv/adapters \\
         --mlflow-tracking-uri sqlite:///mlflow.db --registry-model-name student-lora
-Bodies are parsed here (not by FastAPI) so that every client mistake is a 4xx in OpenAI's error format:
+Bodies are parsed by the routes (not by FastAPI) so that every client mistake is a 4xx in OpenAI's error format:
 413 before parsing, 400 for malformed JSON or bad values, 401 for keys, 404 for unknown models.
 """
 
@@ -22,40 +23,24 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from pathlib import Path
-from typing import Any
 
-from fastapi import Depends, FastAPI, Request
-from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi import FastAPI
 
-from model_runtime.adapters import check_adapter_dir
-from serving.adapter_watcher import AdapterWatcher
-from serving.auth import AdminToken, Caller, KeyStore, bearer
-from serving.config import ServingConfig
-from serving.engine_base import AdapterInfo, Engine
 from serving import openapi
+from serving.adapter_watcher import AdapterWatcher
+from serving.auth import AdminToken, KeyStore
+from serving.config import ServingConfig
+from serving.engine_base import Engine
 from serving.metrics import ServingMetrics
-from serving.middleware import ServingMiddleware, error_json, read_json
-from serving.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ErrorResponse,
-    LoadLoRAAdapterRequest,
-    UnloadLoRAAdapterRequest,
-    error_response,
-)
+from serving.middleware import ServingMiddleware
+from serving.routes import EXCEPTION_HANDLERS, router
 from serving.serving_chat import OpenAIServingChat
 from serving.serving_completion import OpenAIServingCompletion
-from serving.serving_engine import Completed, RequestContext
 from serving.trajectories import TrajectorySink
-from foundation.errors import AdapterError, ConfigError, ShadowDistillError
+from foundation.errors import ConfigError
 
 log = logging.getLogger(__name__)
 DEFAULT_SALT = "shadow-distill-default-salt"
-OPT_OUT_VALUES = {"off", "false", "0", "no"}
 
 
 def key_store(config: ServingConfig) -> KeyStore:
@@ -64,6 +49,28 @@ def key_store(config: ServingConfig) -> KeyStore:
     if config.api_key is not None:
         return KeyStore.single(config.api_key)
     return KeyStore.open()
+
+
+def caller_salt_or_default(config: ServingConfig, caller_salt: str | None) -> str:
+    """The salt of caller hashes: given, else from `$caller_salt_env`, else a public default (warned)."""
+    salt = caller_salt if caller_salt is not None else os.environ.get(config.caller_salt_env)
+    if not salt:
+        log.warning("$%s is unset: caller hashes use a public default salt", config.caller_salt_env)
+        salt = DEFAULT_SALT
+    return salt
+
+
+def wire_metrics(metrics: ServingMetrics, engine: Engine, sink: TrajectorySink | None,
+                 watcher: AdapterWatcher | None) -> ServingMetrics:
+    """Point /metrics' gauges at the engine's adapter and queue, and export the sink's and watcher's stats."""
+    metrics.adapter_version = lambda: (a.version if (a := engine.active_adapter()) else None)
+    if hasattr(engine, "queue_depth"):
+        metrics.queue_depth = engine.queue_depth
+    if sink is not None:
+        metrics.add_stats("shadow_log", sink.stats)
+    if watcher is not None:
+        metrics.add_stats("shadow_adapter_watcher", watcher.stats)
+    return metrics
 
 
 def build_app(config: ServingConfig, engine: Engine, *, sink: TrajectorySink | None = None,
@@ -77,22 +84,12 @@ def build_app(config: ServingConfig, engine: Engine, *, sink: TrajectorySink | N
     """
     keys = keys if keys is not None else key_store(config)
     admin = AdminToken(admin_token if admin_token is not None else os.environ.get(config.admin_token_env))
-    salt = caller_salt if caller_salt is not None else os.environ.get(config.caller_salt_env)
     if keys.is_open:
         log.warning("no API key configured: /v1 is open to anyone who can reach %s:%s", config.host, config.port)
-    if not salt:
-        log.warning("$%s is unset: caller hashes use a public default salt", config.caller_salt_env)
-        salt = DEFAULT_SALT
+    salt = caller_salt_or_default(config, caller_salt)
     if sink is None:
         log.info("shadow log disabled")
-    metrics = metrics or ServingMetrics()
-    metrics.adapter_version = lambda: (a.version if (a := engine.active_adapter()) else None)
-    if hasattr(engine, "queue_depth"):
-        metrics.queue_depth = engine.queue_depth
-    if sink is not None:
-        metrics.add_stats("shadow_log", sink.stats)
-    if watcher is not None:
-        metrics.add_stats("shadow_adapter_watcher", watcher.stats)
+    metrics = wire_metrics(metrics or ServingMetrics(), engine, sink, watcher)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -102,141 +99,16 @@ def build_app(config: ServingConfig, engine: Engine, *, sink: TrajectorySink | N
 
     app = FastAPI(title="shadow-distill student", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
                   lifespan=lifespan)
-    openapi.install(app)
-    app.state.chat = OpenAIServingChat(engine, config, sink, salt)
-    app.state.completion = OpenAIServingCompletion(engine, config, sink, salt)
-    app.state.engine, app.state.config, app.state.metrics = engine, config, metrics
+    state = app.state  # what the handlers of serving.routes read
+    state.engine, state.config, state.metrics, state.keys, state.admin = engine, config, metrics, keys, admin
+    state.chat = OpenAIServingChat(engine, config, sink, salt)
+    state.completion = OpenAIServingCompletion(engine, config, sink, salt)
     app.add_middleware(ServingMiddleware, max_body_bytes=config.max_body_bytes, metrics=metrics)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException) -> Response:
-        if isinstance(exc.detail, ErrorResponse):
-            return error_json(exc.detail)
-        return error_json(error_response(exc.status_code, str(exc.detail)))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s", request.url.path)
-        return error_json(error_response(500, "internal server error", code="internal_error"))
-
-    async def require_key(request: Request) -> Caller:
-        presented = bearer(request.headers.get("authorization"))
-        caller = keys.caller(presented)
-        if caller is None:
-            message = "Incorrect API key provided." if presented else "You didn't provide an API key."
-            raise HTTPException(401, error_response(401, message, code="invalid_api_key"))
-        return caller
-
-    async def require_admin(request: Request) -> None:
-        if not admin.enabled:
-            raise HTTPException(403, error_response(
-                403, f"adapter control is disabled: set ${config.admin_token_env}", code="admin_disabled"))
-        if not admin.check(bearer(request.headers.get("authorization"))):
-            raise HTTPException(401, error_response(401, "missing or wrong admin token", code="invalid_admin_token"))
-
-    def context(request: Request, caller: Caller) -> RequestContext:
-        opted_out = request.headers.get("x-shadow-log", "").strip().lower() in OPT_OUT_VALUES
-        return RequestContext(request.state.request_id, caller, caller.shadow_log and not opted_out)
-
-    @app.get("/health")
-    async def health() -> Response:
-        if not engine.is_alive():
-            return error_json(error_response(503, "the engine is not running", code="engine_unavailable"))
-        adapter = engine.active_adapter()
-        return JSONResponse({"status": "ok", "adapter_version": adapter.version if adapter else None})
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def models(caller: Caller = Depends(require_key)) -> Response:
-        return Response(app.state.chat.model_list().model_dump_json(), media_type="application/json")
-
-    @app.post("/v1/chat/completions", openapi_extra=openapi.request_body("/v1/chat/completions"))
-    async def chat(request: Request, caller: Caller = Depends(require_key)) -> Response:
-        req = await parse(request, ChatCompletionRequest)
-        if isinstance(req, ErrorResponse):
-            return error_json(req)
-        return render(await app.state.chat.create_chat_completion(req, context(request, caller)))
-
-    @app.post("/v1/completions", openapi_extra=openapi.request_body("/v1/completions"))
-    async def completions(request: Request, caller: Caller = Depends(require_key)) -> Response:
-        req = await parse(request, CompletionRequest)
-        if isinstance(req, ErrorResponse):
-            return error_json(req)
-        return render(await app.state.completion.create_completion(req, context(request, caller)))
-
-    @app.post("/v1/load_lora_adapter", dependencies=[Depends(require_admin)],
-              openapi_extra=openapi.request_body("/v1/load_lora_adapter"))
-    async def load_lora(request: Request) -> Response:
-        req = await parse(request, LoadLoRAAdapterRequest)
-        if isinstance(req, ErrorResponse):
-            return error_json(req)
-        active = engine.active_adapter()
-        if active is not None and active.version == req.lora_name:
-            return error_json(error_response(400, f"The lora adapter '{req.lora_name}' has already been loaded.",
-                                             param="lora_name", code="invalid_value"))
-        if config.adapters_root is None:
-            return error_json(error_response(400, "this server has no adapters_root configured",
-                                             param="lora_path", code="invalid_value"))
-        path = Path(req.lora_path)
-        path = path if path.is_absolute() else config.adapters_root / path
-        try:
-            check_adapter_dir(path, engine.base_model_id, rank=config.lora_rank, root=config.adapters_root)
-            await asyncio.wrap_future(engine.set_adapter(AdapterInfo(req.lora_name, path)))
-        except AdapterError as exc:
-            return error_json(error_response(400, str(exc), param="lora_path", code="invalid_adapter"))
-        except ShadowDistillError as exc:
-            return error_json(error_response(503, str(exc), code="engine_unavailable"))
-        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
-
-    @app.post("/v1/unload_lora_adapter", dependencies=[Depends(require_admin)],
-              openapi_extra=openapi.request_body("/v1/unload_lora_adapter"))
-    async def unload_lora(request: Request) -> Response:
-        req = await parse(request, UnloadLoRAAdapterRequest)
-        if isinstance(req, ErrorResponse):
-            return error_json(req)
-        active = engine.active_adapter()
-        if active is None or active.version != req.lora_name:
-            return error_json(error_response(404, f"The lora adapter '{req.lora_name}' cannot be found.",
-                                             param="lora_name", code="lora_not_found"))
-        try:
-            await asyncio.wrap_future(engine.set_adapter(None))
-        except ShadowDistillError as exc:
-            return error_json(error_response(503, str(exc), code="engine_unavailable"))
-        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
-
-    async def parse(request: Request, model: type[BaseModel]) -> Any:
-        body = await read_json(request, config.max_body_bytes)
-        if isinstance(body, ErrorResponse):
-            return body
-        try:
-            return model.model_validate(body)
-        except ValidationError as exc:
-            return validation_error(exc)
-
+    for exc_class, handler in EXCEPTION_HANDLERS.items():
+        app.add_exception_handler(exc_class, handler)
+    app.include_router(router)
+    openapi.install(app)
     return app
-
-
-def validation_error(exc: ValidationError) -> ErrorResponse:
-    first = exc.errors(include_url=False)[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    message = first["msg"].removeprefix("Value error, ")
-    return error_response(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
-
-
-def render(result: Completed | ErrorResponse | AsyncIterator[str]) -> Response:
-    if isinstance(result, ErrorResponse):
-        return error_json(result)
-    if isinstance(result, Completed):
-        response = Response(result.body.model_dump_json(), media_type="application/json")
-        if result.after is not None:
-            # Next loop turn, once the handler has returned: no thread hop, and not a `BackgroundTask`, which
-            # would hold the keep-alive connection (a closed-loop client's next request) until it finished.
-            asyncio.get_running_loop().call_soon(result.after)
-        return response
-    return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 class BackgroundServer:

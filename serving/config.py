@@ -13,15 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from foundation.config import StrictConfig
 from schemas.trajectory import DEFAULT_TOPIC
 
 
-class ServingConfig(BaseModel):
+class ServingConfig(StrictConfig):
     """Everything the endpoint needs; invalid combinations fail at construction with the field named."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # What is served.
     model_dir: Path = Field(description="Student base folder (safetensors + tokenizer + shadow_distill.json).")

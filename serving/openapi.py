@@ -1,10 +1,10 @@
 """The OpenAPI document the server publishes at `/openapi.json`.
 
-The handlers read their JSON bodies themselves (so that every client mistake, malformed JSON included, is an
-OpenAI-style 4xx rather than FastAPI's 422 shape), which hides the bodies from FastAPI's generator. This module
-puts them back from the same pydantic models the handlers validate against, and declares the two bearer
-schemes (API key on `/v1/*`, admin token on adapter control), so SDK generators and schemathesis see the
-real contract.
+The routes read their JSON bodies themselves (`serving.routes.json_body`, so that every client mistake,
+malformed JSON included, is an OpenAI-style 4xx rather than FastAPI's 422 shape), which hides the bodies from
+FastAPI's generator. This module puts them back from the same pydantic models the handlers validate against,
+and declares the two bearer schemes (API key on `/v1/*`, admin token on adapter control), so SDK generators and
+schemathesis see the real contract.
 
     curl -s localhost:8000/openapi.json | jq '.paths["/v1/chat/completions"].post.requestBody'
 """

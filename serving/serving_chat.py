@@ -29,7 +29,7 @@ from serving.protocol import (
     UsageInfo,
     error_response,
 )
-from serving.serving_engine import Alternatives, Completed, OpenAIServing, Plan, RequestContext, sse
+from serving.openai_serving import Alternatives, Completed, OpenAIServing, Plan, RequestContext, sse
 
 
 class OpenAIServingChat(OpenAIServing):

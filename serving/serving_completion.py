@@ -20,7 +20,7 @@ from serving.protocol import (
     ErrorResponse,
     UsageInfo,
 )
-from serving.serving_engine import Alternatives, Completed, OpenAIServing, Plan, RequestContext, sse
+from serving.openai_serving import Alternatives, Completed, OpenAIServing, Plan, RequestContext, sse
 
 
 class OpenAIServingCompletion(OpenAIServing):

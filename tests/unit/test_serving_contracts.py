@@ -9,11 +9,12 @@ import pytest
 from pydantic import ValidationError
 
 from model_runtime.sampling import DecodeParams
-from serving.api_server import parse_args, validation_error
+from serving.api_server import parse_args
 from serving.auth import AdminToken, KeyStore, bearer, hash_key
 from serving.config import ServingConfig
 from serving.engine_base import RowResult
 from serving.protocol import ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest
+from serving.routes import validation_error
 from serving.trajectories import MemorySink, build_trajectory, caller_hash, submit_all
 from foundation.errors import ConfigError
 
