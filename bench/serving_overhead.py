@@ -32,11 +32,11 @@ import openai
 
 from message_bus.broker import TansuBroker
 from message_bus.topics import ensure_topics
+from model_runtime.threads import torch_threads
 from serving.api_server import BackgroundServer, build_app
 from serving.config import ServingConfig
 from serving.engine import EmbeddedEngine
 from serving.shadow_log import ShadowLogger
-from serving.testing import torch_threads
 from serving.trajectories import MemorySink
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea in exactly three lines."}]

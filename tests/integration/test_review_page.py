@@ -14,7 +14,7 @@ from model_runtime.models import eos_token_ids, load_model, load_tokenizer
 from model_runtime.sampling import DecodeParams, sample
 from nightly_train.gate import GateInputs, GatePolicy, evaluate_gate
 from nightly_train.review import REPORT_FILE, ReviewPage, score_cases, write_review
-from serving.testing import make_adapter
+from tests.support.serving import make_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 CHROMIUM = Path("/usr/bin/chromium")

@@ -27,7 +27,8 @@ from kafka import KafkaConsumer, TopicPartition
 from message_bus.broker import free_port, wait_for_port
 from message_bus.topics import consumer_config, ensure_topics
 from foundation.errors import ShadowDistillError
-from serving.testing import make_adapter, torch_threads
+from model_runtime.threads import torch_threads
+from tests.support.serving import make_adapter
 
 pytestmark = pytest.mark.integration
 

@@ -12,11 +12,10 @@ import httpx
 import openai
 import pytest
 
+from model_runtime.threads import torch_threads
 from serving.adapter_watcher import AdapterWatcher
-from serving.api_server import BackgroundServer, build_app
 from serving.config import ServingConfig
-from serving.engine import EmbeddedEngine
-from serving.testing import embedded_server, make_adapter, torch_threads, wait_logged
+from tests.support.serving import live_server, make_adapter, wait_logged
 
 pytestmark = pytest.mark.integration
 
@@ -47,8 +46,8 @@ def server(tiny_models, adapters):
     root, _ = adapters
     student = tiny_models[1]
     config = ServingConfig(model_dir=student, adapters_root=root, lora_rank=RANK, max_tokens_limit=64,
-                           default_max_tokens=16)
-    with embedded_server(config, admin_token=ADMIN, adapters_root=root) as srv:
+                           default_max_tokens=16, batch_wait_ms=2)
+    with live_server(config, admin_token=ADMIN) as srv:
         yield srv
 
 
@@ -165,9 +164,8 @@ def test_watcher_keeps_serving_the_old_adapter_when_the_new_one_is_bad(server, a
 
 
 def test_health_is_503_and_requests_fail_cleanly_when_the_engine_is_dead(tiny_models):
-    student = tiny_models[1]
-    engine = EmbeddedEngine.from_dir(student, "cpu")
-    with BackgroundServer(build_app(ServingConfig(model_dir=student), engine, caller_salt="s")) as srv:
+    with live_server(ServingConfig(model_dir=tiny_models[1]), sink=None) as srv:
+        engine = srv.engine
         assert httpx.get(f"{srv.url}/health").status_code == 200
         engine.close()
         assert httpx.get(f"{srv.url}/health").status_code == 503

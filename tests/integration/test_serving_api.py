@@ -13,12 +13,10 @@ import openai
 import pytest
 
 from model_runtime.chat import chat_prompt_ids
-from serving.api_server import BackgroundServer, build_app
 from serving.auth import hash_key
 from serving.config import ServingConfig
-from serving.engine import EmbeddedEngine
-from serving.testing import torch_threads, wait_logged
-from serving.trajectories import MemorySink, caller_hash
+from serving.trajectories import caller_hash
+from tests.support.serving import live_server, wait_logged
 
 pytestmark = pytest.mark.integration
 
@@ -35,14 +33,8 @@ def server(tiny_models, tmp_path_factory):
                                          {"name": "legal", "sha256": hash_key(LEGAL_KEY), "shadow_log": False}]}))
     config = ServingConfig(model_dir=student, api_keys_file=keys, max_tokens_limit=64, default_max_tokens=8,
                            max_n=4, max_choices=8, max_body_bytes=MAX_BODY, batch_wait_ms=2)
-    with torch_threads(1):
-        engine = EmbeddedEngine.from_dir(student, "cpu", max_batch_size=8, batch_wait_ms=2)
-        sink = MemorySink()
-        app = build_app(config, engine, sink=sink, caller_salt=SALT, admin_token="admin-token")
-        with BackgroundServer(app) as srv:
-            srv.engine, srv.sink = engine, sink
-            yield srv
-        engine.close()
+    with live_server(config, caller_salt=SALT, admin_token="admin-token") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

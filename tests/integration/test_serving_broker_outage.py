@@ -15,11 +15,9 @@ import pytest
 
 from message_bus.broker import TansuBroker
 from message_bus.topics import ensure_topics
-from serving.api_server import BackgroundServer, build_app, build_sink
 from serving.config import ServingConfig
-from serving.engine import EmbeddedEngine
-from serving.testing import torch_threads
 from tests.integration.test_serving_kafka import read_topic
+from tests.support.serving import live_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -43,37 +41,31 @@ def test_served_count_equals_logged_count_across_a_broker_outage(tiny_models, tm
         ensure_topics(broker.bootstrap, {topic: 2})
         config = ServingConfig(model_dir=tiny_models[1], kafka_bootstrap=broker.bootstrap, kafka_topic=topic,
                                spool_dir=tmp_path / "spool", max_tokens_limit=16, default_max_tokens=4)
-        sink = build_sink(config)
         latencies: list[float] = []
-        with torch_threads(1):
-            engine = EmbeddedEngine.from_dir(config.model_dir, "cpu")
-            try:
-                with BackgroundServer(build_app(config, engine, sink=sink, caller_salt="s")) as srv:
-                    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0, timeout=60)
-                    served = _burst(client, engine.base_model_id, 10, "before", latencies)
-                    time.sleep(1.0)  # let the first burst be acknowledged
-                    lost_by_broker = 0
-                    if outage == "paused":
-                        broker.pause()
-                    else:
-                        lost_by_broker = sink.stats()["sent"]  # acknowledged, then gone with the broker's memory
-                        broker.kill()
-                    served += _burst(client, engine.base_model_id, 20, "during", latencies)
-                    if outage == "killed":  # unacknowledged records must reach the durable spool
-                        deadline = time.monotonic() + 30
-                        while sink.stats()["spooled"] == 0 and time.monotonic() < deadline:
-                            time.sleep(0.2)
-                        assert sink.stats()["spooled"] > 0, sink.stats()
-                    if outage == "paused":
-                        broker.resume()
-                    else:
-                        broker.start()
-                        ensure_topics(broker.bootstrap, {topic: 2})
-                    served += _burst(client, engine.base_model_id, 10, "after", latencies)
-                    logged = read_topic(broker.bootstrap, topic, served - lost_by_broker, timeout_s=90)
-            finally:
-                engine.close()
-                sink.close(10.0)
+        with live_server(config, sink="kafka") as srv:  # build_sink(config): the production ShadowLogger
+            sink = srv.sink
+            client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0, timeout=60)
+            served = _burst(client, srv.model, 10, "before", latencies)
+            time.sleep(1.0)  # let the first burst be acknowledged
+            lost_by_broker = 0
+            if outage == "paused":
+                broker.pause()
+            else:
+                lost_by_broker = sink.stats()["sent"]  # acknowledged, then gone with the broker's memory
+                broker.kill()
+            served += _burst(client, srv.model, 20, "during", latencies)
+            if outage == "killed":  # unacknowledged records must reach the durable spool
+                deadline = time.monotonic() + 30
+                while sink.stats()["spooled"] == 0 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert sink.stats()["spooled"] > 0, sink.stats()
+            if outage == "paused":
+                broker.resume()
+            else:
+                broker.start()
+                ensure_topics(broker.bootstrap, {topic: 2})
+            served += _burst(client, srv.model, 10, "after", latencies)
+            logged = read_topic(broker.bootstrap, topic, served - lost_by_broker, timeout_s=90)
     ids = [t.trajectory_id for t in logged]
     assert len(ids) == len(set(ids)), "a trajectory was logged twice"
     assert served == 40

@@ -12,9 +12,8 @@ from mlflow import MlflowClient
 from model_registry import ADAPTER_ARTIFACT, Registry
 from model_runtime.sampling import DecodeParams
 from serving.adapter_watcher import AdapterWatcher, mlflow_champion_source
-from serving.engine import EmbeddedEngine
 from serving.engine_base import RowRequest
-from serving.testing import make_adapter, torch_threads
+from tests.support.serving import embedded_engine, make_adapter
 
 pytestmark = pytest.mark.integration
 
@@ -39,30 +38,26 @@ def test_watcher_follows_approvals_and_rollback_in_mlflow(tiny_models, tmp_path)
         return registry.register_candidate(run_id, tags={"data.window": f"night-{seed}"}, gate_passed=True,
                                            interval_key=f"night-{seed}").version
 
-    with torch_threads(1):
-        engine = EmbeddedEngine.from_dir(student, "cpu", batch_wait_ms=0)
-        try:
-            source = mlflow_champion_source(uri, "student-lora", adapters_root / "champion-cache")
-            watcher = AdapterWatcher(source, engine, adapters_root, poll_s=60, base_model_id=engine.base_model_id,
-                                     rank=RANK)
+    with embedded_engine(student, batch_wait_ms=0) as engine:
+        source = mlflow_champion_source(uri, "student-lora", adapters_root / "champion-cache")
+        watcher = AdapterWatcher(source, engine, adapters_root, poll_s=60, base_model_id=engine.base_model_id,
+                                 rank=RANK)
 
-            def served():
-                out = engine.submit(GREEDY).future.result(60)
-                return out.adapter_version, out.rows[0].completion_ids
+        def served():
+            out = engine.submit(GREEDY).future.result(60)
+            return out.adapter_version, out.rows[0].completion_ids
 
-            assert watcher.poll_once() == "unchanged" and served()[0] is None  # no champion yet: the base
-            first = nightly(1)
-            assert watcher.poll_once() == "unchanged"  # a candidate is not served until a reviewer approves
-            registry.approve(first, "alice")
-            assert watcher.poll_once() == "swapped"
-            v_first = served()
-            assert v_first[0] == first
-            second = nightly(2)
-            registry.approve(second, "bob")
-            assert watcher.poll_once() == "swapped" and served()[0] == second
-            registry.rollback("carol")
-            assert watcher.poll_once() == "swapped" and served() == v_first
-            assert watcher.poll_once() == "unchanged"
-            assert sorted(p.name for p in (adapters_root / "champion-cache").iterdir()) == sorted([first, second])
-        finally:
-            engine.close()
+        assert watcher.poll_once() == "unchanged" and served()[0] is None  # no champion yet: the base
+        first = nightly(1)
+        assert watcher.poll_once() == "unchanged"  # a candidate is not served until a reviewer approves
+        registry.approve(first, "alice")
+        assert watcher.poll_once() == "swapped"
+        v_first = served()
+        assert v_first[0] == first
+        second = nightly(2)
+        registry.approve(second, "bob")
+        assert watcher.poll_once() == "swapped" and served()[0] == second
+        registry.rollback("carol")
+        assert watcher.poll_once() == "swapped" and served() == v_first
+        assert watcher.poll_once() == "unchanged"
+        assert sorted(p.name for p in (adapters_root / "champion-cache").iterdir()) == sorted([first, second])

@@ -19,10 +19,8 @@ from kafka import KafkaConsumer, TopicPartition
 from message_bus.broker import free_port, wait_for_port
 from message_bus.topics import consumer_config, ensure_topics
 from schemas.trajectory import decode_trajectory
-from serving.api_server import BackgroundServer, build_app, build_sink
 from serving.config import ServingConfig
-from serving.engine import EmbeddedEngine
-from serving.testing import torch_threads
+from tests.support.serving import live_server
 
 pytestmark = pytest.mark.integration
 
@@ -47,22 +45,14 @@ def test_served_choices_reach_kafka_as_valid_trajectories(tiny_models, kafka_bro
     ensure_topics(kafka_broker.bootstrap, {topic: 1})
     config = ServingConfig(model_dir=tiny_models[1], kafka_bootstrap=kafka_broker.bootstrap, kafka_topic=topic,
                            spool_dir=tmp_path / "spool", max_tokens_limit=64, default_max_tokens=8)
-    sink = build_sink(config)
-    with torch_threads(1):
-        engine = EmbeddedEngine.from_dir(config.model_dir, "cpu")
-        try:
-            with BackgroundServer(build_app(config, engine, sink=sink, caller_salt="s")) as srv:
-                client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
-                r = client.completions.create(model=engine.base_model_id, prompt="hello", n=2, max_tokens=5,
-                                              seed=4, extra_body={"return_token_ids": True},
-                                              extra_headers={"X-Request-Id": "kafka-1"})
-                client.completions.create(model=engine.base_model_id, prompt="hello", max_tokens=2,
-                                          extra_headers={"X-Request-Id": "kafka-off", "X-Shadow-Log": "off"})
-                logged = read_topic(kafka_broker.bootstrap, topic, 2)
-                metrics = httpx.get(f"{srv.url}/metrics").text
-        finally:
-            engine.close()
-            sink.close(10.0)
+    with live_server(config, sink="kafka") as srv:  # build_sink(config): the production ShadowLogger
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
+        r = client.completions.create(model=srv.model, prompt="hello", n=2, max_tokens=5, seed=4,
+                                      extra_body={"return_token_ids": True}, extra_headers={"X-Request-Id": "kafka-1"})
+        client.completions.create(model=srv.model, prompt="hello", max_tokens=2,
+                                  extra_headers={"X-Request-Id": "kafka-off", "X-Shadow-Log": "off"})
+        logged = read_topic(kafka_broker.bootstrap, topic, 2)
+        metrics = httpx.get(f"{srv.url}/metrics").text
     assert sorted((t.request_id, t.choice_index) for t in logged) == [("kafka-1", 0), ("kafka-1", 1)]
     for traj in sorted(logged, key=lambda t: t.choice_index):
         choice = r.choices[traj.choice_index]

@@ -17,12 +17,10 @@ import schemathesis
 from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
 
-from serving.api_server import BackgroundServer, build_app
 from serving.auth import hash_key
 from serving.config import ServingConfig
-from serving.engine import EmbeddedEngine
 from serving.openapi import ADMIN_PATHS, REQUEST_BODIES as BODIES
-from serving.testing import make_adapter, torch_threads
+from tests.support.serving import live_server, make_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -54,13 +52,8 @@ def server(tiny_models, tmp_path_factory):
     make_adapter(student, adapters / "v1", seed=1, rank=4)
     config = ServingConfig(model_dir=student, api_keys_file=keys, adapters_root=adapters, lora_rank=4,
                            max_tokens_limit=16, default_max_tokens=4, max_n=2, max_choices=4, batch_wait_ms=2)
-    with torch_threads(1):
-        engine = EmbeddedEngine.from_dir(student, "cpu", max_batch_size=8, batch_wait_ms=2)
-        app = build_app(config, engine, caller_salt="fuzz-salt", admin_token=ADMIN_TOKEN)
-        with BackgroundServer(app) as srv:
-            srv.app, srv.model = app, engine.base_model_id
-            yield srv
-        engine.close()
+    with live_server(config, sink=None, caller_salt="fuzz-salt", admin_token=ADMIN_TOKEN) as srv:
+        yield srv
 
 
 def fuzz_operation(operation, base_url: str, mode: GenerationMode) -> list[int]:

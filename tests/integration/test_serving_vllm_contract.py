@@ -14,12 +14,11 @@ import pytest
 
 from model_runtime.chat import chat_prompt_ids
 from model_runtime.sampling import DecodeParams
-from serving.api_server import BackgroundServer, build_app
+from model_runtime.threads import torch_threads
 from serving.config import ServingConfig
 from serving.engine_base import AdapterInfo, RowRequest
-from serving.testing import embedded_server, make_adapter, torch_threads, wait_logged
-from serving.trajectories import MemorySink
 from serving.vllm_engine import VLLMEngine
+from tests.support.serving import live_server, make_adapter, wait_logged
 
 pytestmark = pytest.mark.integration
 
@@ -32,11 +31,11 @@ def upstream(tiny_models, tmp_path_factory):
     student = tiny_models[1]
     root = tmp_path_factory.mktemp("adapters")
     config = ServingConfig(model_dir=student, api_key=KEY, adapters_root=root, max_tokens_limit=64,
-                           default_max_tokens=16)
+                           default_max_tokens=16, batch_wait_ms=2)
     with torch_threads(1):
         for v in ("1", "2"):
             make_adapter(student, root / f"v{v}", seed=int(v))
-    with embedded_server(config, admin_token=ADMIN, adapters_root=root) as srv:
+    with live_server(config, admin_token=ADMIN) as srv:
         yield srv
 
 
@@ -104,10 +103,10 @@ def test_streamed_gateway_rows_equal_non_streamed_ones(gateway):
 
 
 def test_an_api_server_on_the_gateway_logs_the_same_trajectories(upstream, gateway, tiny_models):
-    sink = MemorySink()
     config = ServingConfig(model_dir=tiny_models[1], engine="vllm", vllm_url=upstream.url, max_tokens_limit=64,
                            default_max_tokens=16)
-    with BackgroundServer(build_app(config, gateway, sink=sink, caller_salt="s")) as front:
+    with live_server(config, engine=gateway) as front:  # the gateway fixture closes its engine
+        sink = front.sink
         client = openai.OpenAI(base_url=f"{front.url}/v1", api_key="x", max_retries=0)
         messages = [{"role": "user", "content": "Explain what a neural network is."}]
         r = client.chat.completions.create(model=gateway.base_model_id, messages=messages, max_tokens=10, seed=7,

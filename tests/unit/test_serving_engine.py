@@ -11,7 +11,8 @@ from model_runtime.sampling import DecodeParams
 from serving.detokenize import decode, final_text
 from serving.engine import EmbeddedEngine
 from serving.engine_base import AdapterInfo, RowRequest
-from serving.testing import make_adapter, torch_threads
+from model_runtime.threads import torch_threads
+from tests.support.serving import make_adapter
 from foundation.errors import AdapterError, ShadowDistillError
 
 PROMPT = (1, 300, 262, 201, 293, 275, 81, 2, 201, 1)
