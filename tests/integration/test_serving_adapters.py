@@ -80,14 +80,16 @@ def test_admin_endpoints_load_check_and_unload_adapters(server, client, adapters
     assert httpx.post(f"{server.url}/v1/load_lora_adapter", json={}).status_code == 401
     for name in ("wrong-rank", "outside", "pickled"):
         r = admin_post(server, "load_lora_adapter", {"lora_name": "x", "lora_path": str(made[name])})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_adapter", name
+        assert r.status_code == 400, name
+        assert r.json()["error"]["code"] == "invalid_adapter", name
     assert server.engine.active_adapter() is None
 
     r = admin_post(server, "load_lora_adapter", {"lora_name": "1", "lora_path": "v1"})
     assert r.status_code == 200, r.text
     assert [m.id for m in client.models.list().data] == [model, "1"]
     v1_text, fp = greedy(client, "1")  # the adapter is also served under its own name, as vLLM does
-    assert fp.endswith("adapter=1") and v1_text != base_text
+    assert fp.endswith("adapter=1")
+    assert v1_text != base_text
     assert wait_logged(server.sink, lambda t: t.adapter_version == "1")
     assert admin_post(server, "load_lora_adapter", {"lora_name": "1", "lora_path": "v1"}).status_code == 400
     assert admin_post(server, "unload_lora_adapter", {"lora_name": "2"}).status_code == 404
@@ -134,12 +136,16 @@ def test_watcher_follows_the_champion_and_requests_in_flight_all_succeed(server,
     finally:
         stop.set()
         watcher.stop()
-    assert errors == [] and len(results) > 10
+    assert errors == []
+    assert len(results) > 10
     assert {fp.rsplit("=", 1)[1] for fp in results} <= {"none", "1", "2"}
     assert [fp.rsplit("=", 1)[1] for _, fp in (base, first, second, gone, rolled_back)] == \
         ["none", "1", "2", "none", "1"]
-    assert rolled_back == first and gone == base and first[0] != second[0]
-    assert watcher.stats()["swaps"] == 3 and watcher.stats()["to_base"] == 1
+    assert rolled_back == first
+    assert gone == base
+    assert first[0] != second[0]
+    assert watcher.stats()["swaps"] == 3
+    assert watcher.stats()["to_base"] == 1
     for version in ("1", "2", None):
         assert wait_logged(server.sink, lambda t, v=version: t.adapter_version == v)
 
@@ -159,7 +165,8 @@ def test_watcher_keeps_serving_the_old_adapter_when_the_new_one_is_bad(server, a
         raise ConnectionError("registry down")
 
     watcher.source = broken
-    assert watcher.poll_once() == "failed" and server.engine.active_adapter().version == "1"
+    assert watcher.poll_once() == "failed"
+    assert server.engine.active_adapter().version == "1"
     assert watcher.stats()["errors"] == 2
 
 
@@ -170,7 +177,8 @@ def test_health_is_503_and_requests_fail_cleanly_when_the_engine_is_dead(tiny_mo
         engine.close()
         assert httpx.get(f"{srv.url}/health").status_code == 503
         r = httpx.post(f"{srv.url}/v1/completions", json={"model": engine.base_model_id, "prompt": "hi"})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "engine_unavailable"
         r = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": engine.base_model_id, "stream": True,
                                                                "messages": [{"role": "user", "content": "x"}]})
         assert r.status_code == 503

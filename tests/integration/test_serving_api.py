@@ -68,13 +68,18 @@ def test_chat_choices_match_their_trajectories_field_by_field(client, server, mo
     assert [t.choice_index for t in trajs] == [0, 1]
     for choice, traj in zip(resp.choices, trajs, strict=True):
         token_ids = choice.model_extra["token_ids"]
-        assert traj.prompt_token_ids == prompt_ids and traj.completion_token_ids == token_ids
+        assert traj.prompt_token_ids == prompt_ids
+        assert traj.completion_token_ids == token_ids
         assert traj.behaviour_logprobs == [c.logprob for c in choice.logprobs.content]
         assert len(traj.behaviour_logprobs) == len(traj.completion_token_ids) == len(choice.logprobs.content)
-        assert all(len(c.top_logprobs) == 2 for c in choice.logprobs.content)
-        assert traj.logprob_kind == "sampled" and traj.finish_reason == choice.finish_reason
-        assert traj.caller_hash == caller_hash("team", SALT) and traj.base_model_id == model
-        assert traj.completion_text == choice.message.content and traj.adapter_version is None
+        for c in choice.logprobs.content:
+            assert len(c.top_logprobs) == 2, c
+        assert traj.logprob_kind == "sampled"
+        assert traj.finish_reason == choice.finish_reason
+        assert traj.caller_hash == caller_hash("team", SALT)
+        assert traj.base_model_id == model
+        assert traj.completion_text == choice.message.content
+        assert traj.adapter_version is None
     assert [t.sampling.seed for t in trajs] == [11, 12]
     assert resp.usage.prompt_tokens == len(prompt_ids)
     assert resp.usage.completion_tokens == sum(len(c.model_extra["token_ids"]) for c in resp.choices)
@@ -93,9 +98,11 @@ def test_a_seed_reproduces_a_choice_and_greedy_logs_raw_logprobs(client, server,
     g = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_tokens=6, logprobs=True,
                                        extra_headers=headers)
     traj = logged(server.sink, headers["X-Request-Id"], 1)[0]
-    assert traj.logprob_kind == "raw" and traj.sampling.temperature == 0
+    assert traj.logprob_kind == "raw"
+    assert traj.sampling.temperature == 0
     assert traj.behaviour_logprobs == [x.logprob for x in g.choices[0].logprobs.content]
-    assert all(lp < 0 for lp in traj.behaviour_logprobs)  # raw, not the point mass (0) of greedy
+    for lp in traj.behaviour_logprobs:
+        assert lp < 0, traj.behaviour_logprobs  # raw, not the point mass (0) of greedy
 
 
 def test_chat_stream_equals_the_non_streamed_answer_and_is_logged_after_the_last_chunk(client, server, model):
@@ -125,7 +132,8 @@ def test_stop_string_is_trimmed_from_the_text_but_its_tokens_are_logged(client, 
     headers = rid("stop")
     cut = client.completions.create(model=model, prompt="The quick brown", temperature=0, max_tokens=24, stop=stop,
                                     extra_headers=headers)
-    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.index(stop)]
     traj = logged(server.sink, headers["X-Request-Id"], 1)[0]
     assert stop in server.engine.tokenizer.decode(traj.completion_token_ids)
 
@@ -141,7 +149,8 @@ def test_completions_batch_of_text_and_token_prompts(client, server, model):
         ids = c.model_extra["token_ids"]
         assert c.logprobs.tokens == [f"token_id:{t}" for t in ids]
         assert len(c.logprobs.token_logprobs) == len(ids) == len(c.logprobs.top_logprobs)
-        assert all(c.logprobs.tokens[j] in c.logprobs.top_logprobs[j] for j in range(len(ids)))
+        for j in range(len(ids)):
+            assert c.logprobs.tokens[j] in c.logprobs.top_logprobs[j], (j, c.logprobs.top_logprobs[j])
     text = client.completions.create(model=model, prompt="hello there", max_tokens=4, seed=1)
     assert text.choices[0].text == resp.choices[0].text  # the same ids, the same seed
 
@@ -164,7 +173,10 @@ def test_bad_requests_get_openai_error_bodies(client, model, kwargs, error, code
     with pytest.raises(error) as info:
         client.chat.completions.create(**args)
     body = info.value.body
-    assert body["code"] == code and body["message"] and body["type"] == "invalid_request_error" and "param" in body
+    assert body["code"] == code
+    assert body["message"]
+    assert body["type"] == "invalid_request_error"
+    assert "param" in body
 
 
 def test_auth_json_and_size_errors(server, model):
@@ -194,7 +206,8 @@ def test_a_declared_oversize_body_is_refused_before_it_is_read(server):
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 1000000000\r\n\r\n{")  # one byte of a gigabyte: nothing waits for the rest
         head = sock.recv(4096).decode("latin-1")
-    assert head.startswith("HTTP/1.1 413") and "request_too_large" in head
+    assert head.startswith("HTTP/1.1 413")
+    assert "request_too_large" in head
 
 
 def test_request_id_is_echoed_or_generated(server):
@@ -214,7 +227,8 @@ def test_opt_out_header_and_opted_out_key_keep_requests_out_of_the_log(client, s
     control = rid("control")
     client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2, extra_headers=control)
     assert len(logged(server.sink, control["X-Request-Id"], 1)) == 1  # logging works, and had time to
-    assert logged(server.sink, off["X-Request-Id"], 0) == [] and logged(server.sink, by_key["X-Request-Id"], 0) == []
+    assert logged(server.sink, off["X-Request-Id"], 0) == []
+    assert logged(server.sink, by_key["X-Request-Id"], 0) == []
 
 
 def test_models_health_and_metrics(client, server, model):
@@ -223,7 +237,8 @@ def test_models_health_and_metrics(client, server, model):
     client.completions.create(model=model, prompt="hi", max_tokens=2)
     text = httpx.get(f"{server.url}/metrics").text
     assert 'shadow_serving_requests_total{route="/v1/completions",status="200"}' in text
-    assert "shadow_serving_generated_tokens_total" in text and "shadow_serving_batch_rows_bucket" in text
+    assert "shadow_serving_generated_tokens_total" in text
+    assert "shadow_serving_batch_rows_bucket" in text
     assert 'shadow_serving_active_adapter{version="base"} 1.0' in text
     assert "shadow_log_stored" in text
 
@@ -263,5 +278,6 @@ def test_fuzzed_bodies_never_get_a_server_error(server, model):
             response = http.post(route, json=body)
             assert response.status_code < 500, (route, body, response.text)
             statuses.add(response.status_code)
-    assert 200 in statuses and 400 in statuses  # both valid and invalid bodies were generated
+    assert 200 in statuses  # both valid and invalid bodies were generated
+    assert 400 in statuses
     assert server.engine.is_alive()

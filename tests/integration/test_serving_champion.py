@@ -47,7 +47,8 @@ def test_watcher_follows_approvals_and_rollback_in_mlflow(tiny_models, tmp_path)
             out = engine.submit(GREEDY).future.result(60)
             return out.adapter_version, out.rows[0].completion_ids
 
-        assert watcher.poll_once() == "unchanged" and served()[0] is None  # no champion yet: the base
+        assert watcher.poll_once() == "unchanged"
+        assert served()[0] is None  # no champion yet: the base
         first = nightly(1)
         assert watcher.poll_once() == "unchanged"  # a candidate is not served until a reviewer approves
         registry.approve(first, "alice")
@@ -56,8 +57,10 @@ def test_watcher_follows_approvals_and_rollback_in_mlflow(tiny_models, tmp_path)
         assert v_first[0] == first
         second = nightly(2)
         registry.approve(second, "bob")
-        assert watcher.poll_once() == "swapped" and served()[0] == second
+        assert watcher.poll_once() == "swapped"
+        assert served()[0] == second
         registry.rollback("carol")
-        assert watcher.poll_once() == "swapped" and served() == v_first
+        assert watcher.poll_once() == "swapped"
+        assert served() == v_first
         assert watcher.poll_once() == "unchanged"
         assert sorted(p.name for p in (adapters_root / "champion-cache").iterdir()) == sorted([first, second])

@@ -58,8 +58,10 @@ def test_served_choices_reach_kafka_as_valid_trajectories(tiny_models, kafka_bro
         choice = r.choices[traj.choice_index]
         assert traj.completion_token_ids == choice.model_extra["token_ids"]
         assert traj.prompt_token_ids == choice.model_extra["prompt_token_ids"]
-        assert traj.completion_text == choice.text and traj.sampling.seed == 4 + traj.choice_index
-    assert "shadow_log_accepted 2.0" in metrics and "shadow_log_kafka_connected" in metrics
+        assert traj.completion_text == choice.text
+        assert traj.sampling.seed == 4 + traj.choice_index
+    assert "shadow_log_accepted 2.0" in metrics
+    assert "shadow_log_kafka_connected" in metrics
 
 
 def test_cli_server_serves_with_a_key_and_flushes_the_shadow_log_on_sigterm(tiny_models, kafka_broker, tmp_path):
@@ -84,5 +86,6 @@ def test_cli_server_serves_with_a_key_and_flushes_the_shadow_log_on_sigterm(tiny
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=60)[0]
     assert proc.returncode in (0, -signal.SIGTERM), output[-2000:]  # uvicorn re-raises the signal it handled
-    assert "shadow log closed" in output and "engine stopped" in output
+    assert "shadow log closed" in output
+    assert "engine stopped" in output
     assert [t.request_id for t in read_topic(kafka_broker.bootstrap, topic, 1)] == ["cli-1"]

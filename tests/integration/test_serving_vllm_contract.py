@@ -74,16 +74,19 @@ def upstream_log(upstream, row):
 
 def test_gateway_results_equal_what_the_embedded_engine_logged(upstream, gateway):
     out = gateway.submit(ROWS).future.result(60)
-    assert out.adapter_version is None and len(out.rows) == len(ROWS)
+    assert out.adapter_version is None
+    assert len(out.rows) == len(ROWS)
     for row, res in zip(ROWS, out.rows, strict=True):
         traj = upstream_log(upstream, row)
         assert res.completion_ids == traj.completion_token_ids
         assert res.logprobs == traj.behaviour_logprobs  # exact: JSON floats round-trip
         assert (res.logprob_kind, res.finish_reason) == (traj.logprob_kind, traj.finish_reason)
-        assert traj.sampling.top_k == row.params.top_k and traj.sampling.top_p == row.params.top_p
+        assert traj.sampling.top_k == row.params.top_k
+        assert traj.sampling.top_p == row.params.top_p
         if row.top_logprobs:
-            assert all(len(alts) == row.top_logprobs for alts in res.top_logprobs)
-    assert out.rows[2].logprob_kind == "raw" and out.rows[3].finish_reason in ("stop", "length")
+            assert [len(alts) for alts in res.top_logprobs] == [row.top_logprobs] * len(res.top_logprobs)
+    assert out.rows[2].logprob_kind == "raw"
+    assert out.rows[3].finish_reason in ("stop", "length")
 
 
 def test_streamed_gateway_rows_equal_non_streamed_ones(gateway):
@@ -130,7 +133,8 @@ def test_gateway_adapter_swaps_reach_the_server_and_fail_no_request(upstream, ga
     gateway.set_adapter(AdapterInfo("1", upstream.root / "v1")).result(30)
     assert upstream.engine.active_adapter().version == "1"
     one = gateway.submit(greedy).future.result(60)
-    assert one.adapter_version == "1" and one.rows[0].completion_ids != base.rows[0].completion_ids
+    assert one.adapter_version == "1"
+    assert one.rows[0].completion_ids != base.rows[0].completion_ids
     assert logged(upstream.sink, 1, PROMPT, adapter_version="1")
     gateway.set_adapter(AdapterInfo("2", upstream.root / "v2")).result(30)
     assert gateway.submit(greedy).future.result(60).adapter_version == "2"
@@ -145,16 +149,19 @@ def test_gateway_adapter_swaps_reach_the_server_and_fail_no_request(upstream, ga
     in_flight = gateway.submit([RowRequest(PROMPT, DecodeParams(max_tokens=12, seed=55))], on_token=hold)
     assert first_token.wait(30)
     gateway.set_adapter(None).result(30)
-    assert gateway.active_adapter() is None and upstream.engine.active_adapter().version == "2"
+    assert gateway.active_adapter() is None
+    assert upstream.engine.active_adapter().version == "2"
     release.set()
     held = in_flight.future.result(60)
-    assert held.adapter_version == "2" and logged(upstream.sink, 55, PROMPT, adapter_version="2")
+    assert held.adapter_version == "2"
+    assert logged(upstream.sink, 55, PROMPT, adapter_version="2")
     deadline = time.monotonic() + 10
     while upstream.engine.active_adapter() is not None:  # drained: now the gateway unloads it
         assert time.monotonic() < deadline, "the retired adapter was never unloaded"
         time.sleep(0.02)
     back = gateway.submit(greedy).future.result(60)
-    assert back.adapter_version is None and back.rows[0].completion_ids == base.rows[0].completion_ids
+    assert back.adapter_version is None
+    assert back.rows[0].completion_ids == base.rows[0].completion_ids
 
 
 def test_gateway_reads_its_limits_from_the_server(upstream, tiny_models, monkeypatch):
@@ -162,7 +169,8 @@ def test_gateway_reads_its_limits_from_the_server(upstream, tiny_models, monkeyp
     config = ServingConfig(model_dir=tiny_models[1], engine="vllm", vllm_url=upstream.url, vllm_api_key=KEY)
     gw = VLLMEngine.from_config(config)
     try:
-        assert gw.served_model == upstream.engine.base_model_id and gw.max_model_len == upstream.engine.max_model_len
+        assert gw.served_model == upstream.engine.base_model_id
+        assert gw.max_model_len == upstream.engine.max_model_len
         assert gw.is_alive()
     finally:
         gw.close()

@@ -62,7 +62,8 @@ def test_chat_request_rejects_out_of_range_and_unsupported_values(extra, param):
     with pytest.raises(ValidationError) as info:
         ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, **extra})
     err = validation_error(info.value)
-    assert err.status_code == 400 and (err.error.param or "").startswith(param)
+    assert err.status_code == 400
+    assert (err.error.param or "").startswith(param)
 
 
 def test_unknown_and_neutral_fields_are_accepted_like_openai():
@@ -96,9 +97,11 @@ def test_keys_file_holds_hashes_and_per_key_opt_out(tmp_path):
         {"name": "team", "sha256": hash_key("key-team-1")},
         {"name": "legal", "sha256": hash_key("key-legal-1"), "shadow_log": False}]}))
     store = KeyStore.from_file(path)
-    assert store.caller("key-team-1").name == "team" and store.caller("key-team-1").shadow_log
+    assert store.caller("key-team-1").name == "team"
+    assert store.caller("key-team-1").shadow_log
     assert store.caller("key-legal-1").shadow_log is False
-    assert store.caller("key-team-2") is None and store.caller(None) is None
+    assert store.caller("key-team-2") is None
+    assert store.caller(None) is None
     assert "key-team-1" not in path.read_text()
 
 
@@ -117,10 +120,15 @@ def test_bad_keys_file_is_a_config_error_naming_the_problem(tmp_path, content, n
 
 def test_open_store_admits_anyone_and_admin_token_is_exact():
     assert KeyStore.open().caller(None).name is None
-    assert bearer("Bearer abc") == "abc" and bearer("Basic abc") is None and bearer("Bearer ") is None
+    assert bearer("Bearer abc") == "abc"
+    assert bearer("Basic abc") is None
+    assert bearer("Bearer ") is None
     admin = AdminToken("s3cret")
-    assert admin.check("s3cret") and not admin.check("s3cret ") and not admin.check(None)
-    assert not AdminToken(None).enabled and not AdminToken(None).check("")
+    assert admin.check("s3cret")
+    assert not admin.check("s3cret ")
+    assert not admin.check(None)
+    assert not AdminToken(None).enabled
+    assert not AdminToken(None).check("")
 
 
 # ---- trajectories -----------------------------------------------------------------------------------------
@@ -128,8 +136,10 @@ def test_open_store_admits_anyone_and_admin_token_is_exact():
 
 def test_caller_hash_is_salted_and_never_the_key():
     h = caller_hash("team", "salt-1")
-    assert h == hashlib.sha256(b"salt-1\x00team").hexdigest() and len(h) == 64
-    assert h != caller_hash("team", "salt-2") and caller_hash(None, "salt-1") is None
+    assert h == hashlib.sha256(b"salt-1\x00team").hexdigest()
+    assert len(h) == 64
+    assert h != caller_hash("team", "salt-2")
+    assert caller_hash(None, "salt-1") is None
 
 
 def _fields(**over):
@@ -143,7 +153,9 @@ def _fields(**over):
 def test_trajectory_carries_sampling_and_ids_exactly():
     t = build_trajectory(**_fields())
     assert (t.sampling.temperature, t.sampling.top_p, t.sampling.top_k, t.sampling.seed) == (0.7, 0.9, 5, 11)
-    assert t.prompt_token_ids == [1, 2] and t.completion_token_ids == [5, 6] and t.adapter_version == "3"
+    assert t.prompt_token_ids == [1, 2]
+    assert t.completion_token_ids == [5, 6]
+    assert t.adapter_version == "3"
     assert len(t.trajectory_id) == 32
 
 

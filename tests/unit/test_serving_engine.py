@@ -76,9 +76,13 @@ def test_batches_never_exceed_the_limit_and_a_request_is_never_split(engine):
 
 def test_greedy_logs_raw_logprobs_and_alternatives_rank_the_chosen_token_first(engine):
     res = run(engine, [RowRequest(PROMPT, DecodeParams(max_tokens=6, temperature=0), top_logprobs=3)]).rows[0]
-    assert res.logprob_kind == "raw" and all(lp < 0 for lp in res.logprobs)
+    assert res.logprob_kind == "raw"
+    for lp in res.logprobs:
+        assert lp < 0, res.logprobs
     for tok, lp, alts in zip(res.completion_ids, res.logprobs, res.top_logprobs, strict=True):
-        assert len(alts) == 3 and alts[0][0] == tok and abs(alts[0][1] - lp) < 1e-4
+        assert len(alts) == 3
+        assert alts[0][0] == tok
+        assert abs(alts[0][1] - lp) < 1e-4
 
 
 def test_alternatives_come_from_the_truncated_distribution_that_was_sampled(engine):
@@ -96,7 +100,8 @@ def test_a_stop_string_ends_the_row_at_the_token_that_completes_it(engine):
     text = decode(engine.tokenizer, free.completion_ids)
     stop = text[len(text) // 2: len(text) // 2 + 3]
     stopped = run(engine, [RowRequest(PROMPT, DecodeParams(max_tokens=24, temperature=0), stop=(stop,))]).rows[0]
-    assert stopped.finish_reason == "stop" and len(stopped.completion_ids) < len(free.completion_ids)
+    assert stopped.finish_reason == "stop"
+    assert len(stopped.completion_ids) < len(free.completion_ids)
     assert stopped.completion_ids == free.completion_ids[: len(stopped.completion_ids)]
     assert stop in decode(engine.tokenizer, stopped.completion_ids)
     assert stop not in decode(engine.tokenizer, stopped.completion_ids[:-1])
@@ -111,18 +116,21 @@ def test_adapter_swaps_between_batches_and_a_bad_adapter_keeps_the_old_one(stude
         v1 = make_adapter(student, tmp_path / "v1", seed=1)
         eng.set_adapter(AdapterInfo("1", v1)).result(30)
         out1 = run(eng, greedy)
-        assert out1.adapter_version == "1" and out1.rows[0].completion_ids != base.rows[0].completion_ids
+        assert out1.adapter_version == "1"
+        assert out1.rows[0].completion_ids != base.rows[0].completion_ids
         (tmp_path / "broken").mkdir()
         with pytest.raises(AdapterError):
             eng.set_adapter(AdapterInfo("2", tmp_path / "broken")).result(30)
         again = run(eng, greedy)
-        assert again.adapter_version == "1" and again.rows[0].completion_ids == out1.rows[0].completion_ids
+        assert again.adapter_version == "1"
+        assert again.rows[0].completion_ids == out1.rows[0].completion_ids
         eng.set_adapter(AdapterInfo("3", make_adapter(student, tmp_path / "v3", seed=3))).result(30)
         assert run(eng, greedy).adapter_version == "3"
         assert len(eng._slot.peft.peft_config) == 1  # the replaced adapter was deleted, not kept in memory
         eng.set_adapter(None).result(30)
         back = run(eng, greedy)
-        assert back.adapter_version is None and back.rows[0].completion_ids == base.rows[0].completion_ids
+        assert back.adapter_version is None
+        assert back.rows[0].completion_ids == base.rows[0].completion_ids
     finally:
         eng.close()
 
@@ -131,7 +139,8 @@ def test_a_failing_batch_fails_its_requests_but_not_the_engine(engine):
     bad = RowRequest((10**6,), DecodeParams(max_tokens=2))  # not in the vocabulary: the forward pass raises
     with pytest.raises(ShadowDistillError, match="generation failed"):
         run(engine, [bad])
-    assert engine.is_alive() and len(run(engine, [row()]).rows) == 1
+    assert engine.is_alive()
+    assert len(run(engine, [row()]).rows) == 1
 
 
 def test_a_cancelled_request_is_dropped_and_a_closed_engine_refuses_work(student):
