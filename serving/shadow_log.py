@@ -41,14 +41,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import Field, model_validator
 
 from message_bus.topics import check_topic_name, producer_config
 from schemas.trajectory import TrajectoryV1
 from serving.spool import Spool
-from foundation.errors import ConfigError, ShadowDistillError
+from foundation.config import StrictConfig
+from foundation.errors import ShadowDistillError
 
 log = logging.getLogger(__name__)
 
@@ -56,32 +59,30 @@ Record = tuple[bytes, bytes]
 _IDLE_WAIT_S = 0.05
 
 
-@dataclass(frozen=True)
-class ShadowLogConfig:
-    """Tuning of one `ShadowLogger`; every value is checked here, with the bad value in the message."""
+class ShadowLogConfig(StrictConfig):
+    """Tuning of one `ShadowLogger`; every value is checked where it is declared."""
 
-    queue_max: int = 10_000
-    batch_max: int = 500  # records taken from the queue, or replayed from the spool, per step
-    send_timeout_s: float = 5.0  # an unacknowledged send older than this means the broker is down or frozen
-    retry_min_s: float = 0.5
-    retry_max_s: float = 10.0
-    max_record_bytes: int = 1_000_000  # Kafka's default message.max.bytes is about 1 MB
-    spool_max_bytes: int = 1 << 30
-    spool_segment_bytes: int = 16 << 20
-    fsync: bool = False  # fsync each spool append (survives power loss, costs a disk flush per batch)
-    producer_overrides: dict[str, Any] = field(default_factory=dict)
+    queue_max: int = Field(10_000, ge=1, strict=True, description="Records waiting in memory before they spool.")
+    batch_max: int = Field(500, ge=1, strict=True, description="Records taken from the queue, or replayed from "
+                                                               "the spool, per step.")
+    send_timeout_s: float = Field(5.0, gt=0, description="An unacknowledged send older than this means the broker "
+                                                         "is down or frozen.")
+    retry_min_s: float = Field(0.5, gt=0, description="First wait before retrying Kafka.")
+    retry_max_s: float = Field(10.0, gt=0, description="Longest wait between retries.")
+    max_record_bytes: int = Field(1_000_000, ge=1, strict=True, description="Kafka's default message.max.bytes "
+                                                                            "is about 1 MB.")
+    spool_max_bytes: int = Field(1 << 30, ge=1, strict=True, description="Spool size cap (then records drop).")
+    spool_segment_bytes: int = Field(16 << 20, ge=1, strict=True, description="Size of one spool file.")
+    fsync: bool = Field(False, description="fsync each spool append (survives power loss, costs a disk flush "
+                                           "per batch).")
+    producer_overrides: dict[str, Any] = Field(default_factory=dict, description="kafka-python producer settings "
+                                                                                 "(checked by message_bus).")
 
-    def __post_init__(self) -> None:
-        for name in ("queue_max", "batch_max", "max_record_bytes", "spool_max_bytes", "spool_segment_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("send_timeout_s", "retry_min_s", "retry_max_s"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+    @model_validator(mode="after")
+    def _retry_order(self) -> ShadowLogConfig:
         if self.retry_max_s < self.retry_min_s:
-            raise ConfigError(f"retry_max_s={self.retry_max_s!r} is below retry_min_s={self.retry_min_s!r}")
+            raise ValueError(f"retry_max_s={self.retry_max_s!r} is below retry_min_s={self.retry_min_s!r}")
+        return self
 
 
 @dataclass
@@ -138,11 +139,7 @@ class ShadowLogger:
 
     def __init__(self, bootstrap: str, topic: str, spool_dir: Path, *, queue_max: int = 10_000, **tuning: Any):
         """`tuning`: any other `ShadowLogConfig` field (send_timeout_s, spool_max_bytes, producer_overrides...)."""
-        try:
-            self.config = ShadowLogConfig(queue_max=queue_max, **tuning)
-        except TypeError as exc:
-            fields = sorted(ShadowLogConfig.__dataclass_fields__)
-            raise ConfigError(f"{exc}; ShadowLogger tuning fields are {fields}") from exc
+        self.config = ShadowLogConfig.parse({"queue_max": queue_max, **tuning}, source="ShadowLogger")
         check_topic_name(topic)
         self.bootstrap, self.topic = bootstrap, topic
         self._producer_kwargs = producer_config(bootstrap, **self.config.producer_overrides)  # checked now
