@@ -26,5 +26,6 @@ def test_the_loop_closes_end_to_end(tmp_path):
         assert summary[f"heldout_{side}"]["reverse_kl"] == summary[f"heldout_{side}"]["reverse_kl"]  # not NaN
         assert 0.0 <= summary[f"ifeval_{side}"]["prompt_strict"] <= 1.0
     before, after = summary["traffic_reverse_kl_before"], summary["traffic_reverse_kl_after"]
-    assert before[2] > 0 and after[2] > 0  # both windows of fresh traffic were measured
+    assert before[2] > 0
+    assert after[2] > 0  # both windows of fresh traffic were measured
     assert list(tmp_path.glob("*/summary.json"))

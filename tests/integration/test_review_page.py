@@ -65,7 +65,8 @@ def screenshot(page: Path, out: Path, profile: Path) -> Path:
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={profile}", f"--screenshot={out}", "--window-size=1280,2000", page.as_uri()]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and out.exists(), proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.exists(), proc.stderr[-2000:]
     return out
 
 

@@ -55,11 +55,13 @@ def test_tango_score_test_hand_computed():
     # c = 0: q = (b - d (2n - b)) / (2n). b=1, n=5, d=0.05: q = (1 - 0.45) / 10 = 0.055,
     # var = 5 (2 * 0.055 + 0.05 - 0.0025) = 0.7875, Z = (1 - 5 * 0.05) / sqrt(0.7875).
     z, p = tango_score_p(1, 0, 5, 0.05)
-    assert z == pytest.approx(0.75 / math.sqrt(0.7875)) and z == pytest.approx(0.845154, abs=1e-6)
+    assert z == pytest.approx(0.75 / math.sqrt(0.7875))
+    assert z == pytest.approx(0.845154, abs=1e-6)
     assert p == pytest.approx(0.199012, abs=1e-6)
     # b=10, n=40, d=0.1: q = (10 - 7) / 80, var = 40 (0.075 + 0.1 - 0.01) = 6.6, Z = (10 - 4) / sqrt(6.6).
     z, p = tango_score_p(10, 0, 40, 0.1)
-    assert z == pytest.approx(6 / math.sqrt(6.6)) and p == pytest.approx(0.009759, abs=1e-6)
+    assert z == pytest.approx(6 / math.sqrt(6.6))
+    assert p == pytest.approx(0.009759, abs=1e-6)
     # c > 0: b=6, c=1, n=20, d=0.05: 40 q^2 - 5.25 q - 0.0475 = 0 -> q = (5.25 + sqrt(35.1625)) / 80,
     # Z = (6 - 1 - 1) / sqrt(20 (2 q + 0.0475)).
     q = (5.25 + math.sqrt(35.1625)) / 80
@@ -74,17 +76,22 @@ def test_paired_test_counts_only_discordant_prompts():
     cand, champ = pairs(both=30, regress=5, improve=1, neither=4)
     t = paired_regression_test(cand, champ, tolerance=0.0, alpha=0.05)
     assert (t.n, t.regressions, t.improvements) == (40, 5, 1)
-    assert t.candidate_rate == pytest.approx(31 / 40) and t.champion_rate == pytest.approx(35 / 40)
-    assert t.drop == pytest.approx(0.1) and t.p_value == pytest.approx(7 / 64)  # (C(6,5) + C(6,6)) / 2^6
+    assert t.candidate_rate == pytest.approx(31 / 40)
+    assert t.champion_rate == pytest.approx(35 / 40)
+    assert t.drop == pytest.approx(0.1)
+    assert t.p_value == pytest.approx(7 / 64)  # (C(6,5) + C(6,6)) / 2^6
     assert not t.blocked
 
 
 def test_tolerance_uses_the_score_test_and_never_goes_below_the_exact_p():
     cand, champ = pairs(both=20, regress=10, neither=10)  # drop 10/40 = 0.25
     exact = paired_regression_test(cand, champ, tolerance=0.0, alpha=0.05)
-    assert exact.p_value == 1 / 1024 and exact.blocked and exact.method == "exact-mcnemar"
+    assert exact.p_value == 1 / 1024
+    assert exact.blocked
+    assert exact.method == "exact-mcnemar"
     margin = paired_regression_test(cand, champ, tolerance=0.1, alpha=0.05)
-    assert margin.p_value == pytest.approx(0.009759, abs=1e-6) and margin.blocked
+    assert margin.p_value == pytest.approx(0.009759, abs=1e-6)
+    assert margin.blocked
     assert paired_regression_test(cand, champ, tolerance=0.3, alpha=0.05).blocked is False  # drop within tolerance
     cand, champ = pairs(both=4, regress=1)
     tiny = paired_regression_test(cand, champ, tolerance=0.05, alpha=0.05)
@@ -95,29 +102,36 @@ def test_tolerance_uses_the_score_test_and_never_goes_below_the_exact_p():
 def test_identical_results_pass():
     cand, champ = pairs(both=15, regress=0, neither=10)
     d = evaluate_gate(GatePolicy(), inputs(cand, list(champ)))
-    assert d.passed and d.failed_checks == [] and [c.name for c in d.checks] == ["ifeval", "kl", "finite", "adapter"]
-    assert d.ifeval.p_value == 1.0 and d.ifeval.regressions == 0
+    assert d.passed
+    assert d.failed_checks == []
+    assert [c.name for c in d.checks] == ["ifeval", "kl", "finite", "adapter"]
+    assert d.ifeval.p_value == 1.0
+    assert d.ifeval.regressions == 0
 
 
 def test_a_regressing_candidate_fails_on_ifeval_alone():
     cand, champ = pairs(both=20, regress=8, neither=12)
     d = evaluate_gate(GatePolicy(), inputs(cand, champ))
-    assert not d.passed and d.failed_checks == ["ifeval"]
-    assert d.ifeval.p_value == 1 / 256 and "b=8 c=0" in check(d, "ifeval").detail
+    assert not d.passed
+    assert d.failed_checks == ["ifeval"]
+    assert d.ifeval.p_value == 1 / 256
+    assert "b=8 c=0" in check(d, "ifeval").detail
 
 
 def test_the_significance_boundary():
     for regress, p, blocked in ((4, 1 / 16, False), (5, 1 / 32, True)):
         cand, champ = pairs(both=20, regress=regress, neither=20 - regress)
         d = evaluate_gate(GatePolicy(), inputs(cand, champ))
-        assert d.ifeval.p_value == p and d.passed is not blocked
+        assert d.ifeval.p_value == p
+        assert d.passed is not blocked
 
 
 def test_a_single_discordant_pair_on_a_tiny_subset_does_not_block():
     cand, champ = pairs(both=3, regress=1, neither=1)
     for tol in (0.0, 0.05):
         d = evaluate_gate(GatePolicy(min_prompts=5, ifeval_tolerance=tol), inputs(cand, champ))
-        assert d.passed and d.ifeval.p_value == 0.5
+        assert d.passed
+        assert d.ifeval.p_value == 0.5
 
 
 def test_fewer_than_min_prompts_refuses():
@@ -146,7 +160,9 @@ def test_from_ifeval_pairs_the_strict_results():
     d = evaluate_gate(GatePolicy(), GateInputs.from_ifeval(ifeval_result(cand, "f0", loose),
                                                            ifeval_result(champ, "f0", loose),
                                                            candidate_kl=0.8, champion_kl=1.0))
-    assert d.failed_checks == ["ifeval"] and d.ifeval.regressions == 6 and d.ifeval.p_value == 1 / 64
+    assert d.failed_checks == ["ifeval"]
+    assert d.ifeval.regressions == 6
+    assert d.ifeval.p_value == 1 / 64
 
 
 @pytest.mark.parametrize("cand_kl, champ_kl, policy, passed", [
@@ -160,7 +176,8 @@ def test_from_ifeval_pairs_the_strict_results():
 def test_kl_must_be_below_the_champions(cand_kl, champ_kl, policy, passed):
     cand, champ = pairs(both=25)
     d = evaluate_gate(policy, inputs(cand, champ, cand_kl=cand_kl, champ_kl=champ_kl))
-    assert check(d, "kl").passed is passed and d.passed is passed
+    assert check(d, "kl").passed is passed
+    assert d.passed is passed
 
 
 @pytest.mark.parametrize("cand_kl, champ_kl, extra, failing", [
@@ -173,14 +190,16 @@ def test_kl_must_be_below_the_champions(cand_kl, champ_kl, policy, passed):
 def test_nan_or_inf_anywhere_fails(cand_kl, champ_kl, extra, failing):
     cand, champ = pairs(both=25)
     d = evaluate_gate(GatePolicy(), inputs(cand, champ, cand_kl=cand_kl, champ_kl=champ_kl, extra_metrics=extra))
-    assert not d.passed and d.failed_checks == failing
+    assert not d.passed
+    assert d.failed_checks == failing
     assert "non-finite" in check(d, "finite").detail
 
 
 def test_a_bad_adapter_fails():
     cand, champ = pairs(both=25)
     d = evaluate_gate(GatePolicy(), inputs(cand, champ, adapter_error="adapter lacks adapter_model.safetensors"))
-    assert d.failed_checks == ["adapter"] and check(d, "adapter").detail == "adapter lacks adapter_model.safetensors"
+    assert d.failed_checks == ["adapter"]
+    assert check(d, "adapter").detail == "adapter lacks adapter_model.safetensors"
 
 
 def test_tags_are_flat_strings_with_the_numbers():
@@ -188,13 +207,19 @@ def test_tags_are_flat_strings_with_the_numbers():
     d = evaluate_gate(GatePolicy(), inputs(cand, champ, reference="base:smollm2-135m-instruct-drop8-21"))
     tags = d.to_tags()
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items())
-    assert tags["gate.passed"] == "false" and tags["gate.failed_checks"] == "ifeval"
-    assert tags["gate.ifeval.p_value"] == "0.03125" and tags["gate.ifeval.regressions"] == "5"
-    assert tags["gate.ifeval.candidate_prompt_strict"] == "0.6" and tags["gate.ifeval.champion_prompt_strict"] == "0.8"
-    assert tags["gate.kl.candidate"] == "0.8" and tags["gate.kl.threshold"] == "1"
-    assert tags["gate.kl.passed"] == "true" and tags["gate.ifeval.passed"] == "false"
+    assert tags["gate.passed"] == "false"
+    assert tags["gate.failed_checks"] == "ifeval"
+    assert tags["gate.ifeval.p_value"] == "0.03125"
+    assert tags["gate.ifeval.regressions"] == "5"
+    assert tags["gate.ifeval.candidate_prompt_strict"] == "0.6"
+    assert tags["gate.ifeval.champion_prompt_strict"] == "0.8"
+    assert tags["gate.kl.candidate"] == "0.8"
+    assert tags["gate.kl.threshold"] == "1"
+    assert tags["gate.kl.passed"] == "true"
+    assert tags["gate.ifeval.passed"] == "false"
     assert tags["gate.reference"] == "base:smollm2-135m-instruct-drop8-21"
-    assert tags["gate.policy.alpha"] == "0.05" and tags["gate.policy.min_prompts"] == "20"
+    assert tags["gate.policy.alpha"] == "0.05"
+    assert tags["gate.policy.min_prompts"] == "20"
 
 
 def test_summary_table_lists_every_check():

@@ -95,26 +95,32 @@ def test_colour_darkens_monotonically_with_penalty_and_saturates():
 
 def test_token_text_is_escaped_and_round_trips_through_the_tooltip_span():
     out = render_tokens([NASTY, "a\nb", ""], [3.0, 0.5, 0.0], vmax=2.0)
-    assert "<script>" not in out and "alert('x')" not in out
+    assert "<script>" not in out
+    assert "alert('x')" not in out
     spans = re.findall(r'<span class="tok" style="([^"]*)" title="([^"]*)">([^<]*)</span>', out)
     assert len(spans) == 3
     assert html.unescape(spans[0][2]) == NASTY
-    assert "rgb(103,0,13)" in spans[0][0] and "penalty +3.000" in spans[0][1]
+    assert "rgb(103,0,13)" in spans[0][0]
+    assert "penalty +3.000" in spans[0][1]
     assert html.unescape(spans[1][2]) == "a\u21b5\nb"  # newline visible as a mark, kept as a line break
 
 
 def test_report_has_both_sides_gate_table_and_escaped_answers(cases):
     page = ReviewPage("Nightly <candidate>", "run-1", EVALUATION, gate_tags(), cases, "champion v3", "candidate")
     out = render_report(page)
-    assert "<candidate>" not in out and "Nightly &lt;candidate&gt;" in out
-    assert "<script>" not in out and html.escape(NASTY) in out
+    assert "<candidate>" not in out
+    assert "Nightly &lt;candidate&gt;" in out
+    assert "<script>" not in out
+    assert html.escape(NASTY) in out
     n_tokens = sum(len(c.token_ids) for c in cases)
     assert out.count('class="tok"') == 2 * n_tokens
     assert out.count("before: champion v3") == out.count("after: candidate") == len(cases)
     assert [(n, ok) for n, ok, _ in gate_checks(gate_tags())] == [
         ("ifeval", True), ("kl", True), ("finite", True), ("adapter", True)]
-    assert "gate PASSED" in out and 'class="better"' in out  # candidate's lower reverse KL is marked better
-    assert math.isfinite(penalty_scale(cases)) and penalty_scale(cases) > 0
+    assert "gate PASSED" in out
+    assert 'class="better"' in out  # candidate's lower reverse KL is marked better
+    assert math.isfinite(penalty_scale(cases))
+    assert penalty_scale(cases) > 0
 
 
 def test_curves_png_and_self_contained_page_are_written(tmp_path, cases):
@@ -123,7 +129,8 @@ def test_curves_png_and_self_contained_page_are_written(tmp_path, cases):
                for s in range(1, 6)]
     png = plot_training_curves(history, tmp_path / "c.png")
     data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 10_000
     import matplotlib.image
 
     pixels = matplotlib.image.imread(png)
@@ -132,4 +139,6 @@ def test_curves_png_and_self_contained_page_are_written(tmp_path, cases):
                        history)
     assert (out / CURVES_FILE).stat().st_size > 10_000
     page = (out / REPORT_FILE).read_text()
-    assert "data:image/png;base64," in page and 'src="http' not in page and "<link" not in page
+    assert "data:image/png;base64," in page
+    assert 'src="http' not in page
+    assert "<link" not in page
