@@ -228,11 +228,13 @@ class ChatTokenLogprob(TopLogprob):
 
 class ChatChoiceLogprobs(ResponseModel):
     content: list[ChatTokenLogprob] = Field(default_factory=list)
+    refusal: list[ChatTokenLogprob] | None = None  # required by OpenAI's schema (nullable); never a refusal here
 
 
 class ChatMessageOut(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: str | None = None  # required by OpenAI's schema (nullable); this model never refuses by itself
 
 
 class ChatCompletionChoice(ResponseModel):

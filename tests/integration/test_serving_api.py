@@ -125,6 +125,32 @@ def test_chat_stream_equals_the_non_streamed_answer_and_is_logged_after_the_last
     assert traj.behaviour_logprobs == streamed_lps
 
 
+def test_an_n2_chat_stream_carries_both_choices_as_the_non_streamed_answer_has_them(client, server, model):
+    full = client.chat.completions.create(model=model, messages=MESSAGES, n=2, seed=21, max_tokens=8)
+    headers = rid("stream-n2")
+    chunks = list(client.chat.completions.create(model=model, messages=MESSAGES, n=2, seed=21, max_tokens=8,
+                                                 stream=True, extra_headers=headers))
+    texts, finishes = {}, {}
+    for choice in (ch for c in chunks for ch in c.choices):
+        texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+        if choice.finish_reason:
+            finishes[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.message.content for c in full.choices}
+    assert finishes == {c.index: c.finish_reason for c in full.choices}
+    trajs = logged(server.sink, headers["X-Request-Id"], 2)
+    assert [t.completion_text for t in trajs] == [texts[0], texts[1]]
+
+
+def test_an_n2_completions_stream_carries_both_choices_as_the_non_streamed_answer_has_them(client, model):
+    full = client.completions.create(model=model, prompt="Give me three", n=2, seed=22, max_tokens=8)
+    texts = {}
+    for part in client.completions.create(model=model, prompt="Give me three", n=2, seed=22, max_tokens=8,
+                                          stream=True):
+        for choice in part.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert texts == {c.index: c.text for c in full.choices}
+
+
 def test_stop_string_is_trimmed_from_the_text_but_its_tokens_are_logged(client, server, model):
     free = client.completions.create(model=model, prompt="The quick brown", temperature=0, max_tokens=24)
     text = free.choices[0].text
