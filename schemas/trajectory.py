@@ -33,8 +33,27 @@ DEAD_LETTER_TOPIC = "shadow.trajectories.dlq"
 SCHEMA_FILE = Path(__file__).with_name("trajectory.v1.schema.json")
 
 
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+def _is_zero(value: object) -> bool:
+    return value == 0
+
+
+def _is_false(value: object) -> bool:
+    return value is False
+
+
 class SamplingParams(BaseModel):
-    """How the completion was decoded. `temperature == 0` means greedy; `top_k == 0` means no top-k cut."""
+    """How the completion was decoded. `temperature == 0` means greedy; `top_k == 0` means no top-k cut.
+
+    `min_p`, `min_tokens` and `ignore_eos` (vLLM's extras, added to v1 as optional fields) also change what was
+    sampled from. Each has a neutral default and is left out of the JSON while neutral, so every message written
+    before them still parses unchanged, and a message that does not use them is byte-for-byte what it was.
+    A reader older than these fields refuses a message that carries one (v1 forbids unknown keys): upgrade the
+    readers (the scorer) before the writers (serving).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -43,11 +62,22 @@ class SamplingParams(BaseModel):
     top_k: int = Field(ge=0)
     max_tokens: int = Field(ge=1)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, exclude_if=_is_zero,
+                         description="Tokens below min_p x the top token's probability were cut (0: no cut).")
+    min_tokens: int = Field(default=0, ge=0, exclude_if=_is_zero,
+                            description="Stop tokens (EOS included) were masked until this many tokens were out.")
+    ignore_eos: bool = Field(default=False, exclude_if=_is_false,
+                             description="Sampling went on past EOS.")
 
     @property
     def is_untruncated_temperature_one(self) -> bool:
-        """True when the sampled distribution is the model's own: the case rule 1 of DESIGN.md needs."""
-        return self.temperature == 1.0 and self.top_p == 1.0 and self.top_k == 0
+        """True when the sampled distribution is the model's own: the case rule 1 of DESIGN.md needs.
+
+        Any cut (top-p, top-k, min-p), masked stop tokens (`min_tokens`) or sampling past EOS (`ignore_eos`: the
+        sequence is not one the model would have produced) makes it another distribution.
+        """
+        return (self.temperature == 1.0 and self.top_p == 1.0 and self.top_k == 0 and self.min_p == 0.0
+                and self.min_tokens == 0 and not self.ignore_eos)
 
 
 class TrajectoryV1(BaseModel):
@@ -61,6 +91,8 @@ class TrajectoryV1(BaseModel):
     choice_index: int = Field(ge=0)
     created_at: datetime
     caller_hash: str | None = Field(default=None, max_length=64)
+    user_hash: str | None = Field(default=None, max_length=64, exclude_if=_is_none,
+                                  description="Salted hash of the request's end-user id (`user`), if it had one.")
     base_model_id: str = Field(min_length=1, max_length=200)
     adapter_version: str | None = Field(default=None, max_length=64)
     sampling: SamplingParams
