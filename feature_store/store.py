@@ -1,68 +1,66 @@
 """The feature store: trajectories and teacher scores in SQL (SQLite with WAL by default, PostgreSQL in prod).
 
-Writes are idempotent on natural keys: a trajectory on `trajectory_id`, a teacher score on
-(`trajectory_id`, `teacher_id`). Both rows of one scored batch commit in one transaction, so the scorer can
-commit its Kafka offsets right after `ingest_scored` returns and a replay writes nothing twice.
+A trajectory LANDS when the scorer consumes it (`land`: the poll's trajectories and its per-partition log
+progress in one transaction, before the scorer commits its Kafka offsets); the teacher's scores are
+BACKFILLED after (`write_scores`, with the teacher's refusals). Every write is idempotent on natural keys: a
+trajectory on `trajectory_id`, a score or a refusal on (`trajectory_id`, `teacher_id`), progress on (group,
+topic, partition) keeping the maximum. So a replay or a rebalance writes nothing twice, and a trajectory whose
+offsets were committed is never lost even when its scoring was not done. `window_status` says whether a window
+was read in full and scored (see `feature_store.coverage` for the watermark model).
 
     store = FeatureStore.open("sqlite:///runs/store.db")       # creates/migrates the schema
-    store.load_scored(start, end, teacher_id="smollm2-135m-instruct")
+    store.window_status(teacher_id, start, end, topic=TOPIC, group_id="shadow-scoring").complete(end, 900, 0.99)
+    store.load_scored(store.scored_ids(teacher_id, start, end), teacher_id)
+
+`ingest_scored` (a trajectory and its scores in one go) is for writers that score in-process (tests, benches).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import numpy as np
-from sqlalchemy import Engine, and_, create_engine, delete, event, exists, func, or_, select
+from sqlalchemy import Engine, and_, case, create_engine, delete, event, exists, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from schemas.arrays import pack_floats, pack_ids, unpack_floats, unpack_ids
+from feature_store.coverage import WindowStatus, seen_up_to, watermark
+from feature_store.records import (
+    LoggedTrajectory,
+    PartitionProgress,
+    ScoredTrajectory,
+    TeacherScores,
+    message,
+    score_payload_bytes,
+    score_row,
+    scored,
+    trajectory_row,
+    utc,
+)
+from foundation.errors import StoreError
 from schemas.migrate import upgrade
-from schemas.tables import AdapterVersionRow, TeacherScoreRow, TrainingManifestRow, TrajectoryRow
-from schemas.trajectory import SamplingParams, TrajectoryV1
-from foundation.errors import AlignmentError, StoreError
+from schemas.tables import (
+    AdapterVersionRow,
+    LogProgressRow,
+    ScoringRejectionRow,
+    TeacherScoreRow,
+    TrainingManifestRow,
+    TrajectoryRow,
+)
+from schemas.trajectory import TrajectoryV1
 
 
-@dataclass
-class TeacherScores:
-    """The teacher's view of one trajectory's completion: one logprob per completion token (+ optional top-k)."""
+@dataclass(frozen=True)
+class ScoresWritten:
+    """What one `write_scores` transaction stored: new rows, and the size of the score arrays it sent."""
 
-    teacher_logprobs_C: np.ndarray
-    topk_ids_CK: np.ndarray | None = None
-    topk_logprobs_CK: np.ndarray | None = None
-
-    @property
-    def topk(self) -> int:
-        return 0 if self.topk_ids_CK is None else int(self.topk_ids_CK.shape[1])
-
-
-@dataclass
-class ScoredTrajectory:
-    """What the trainer reads: logged token ids, behaviour logprobs and the teacher's logprobs, aligned."""
-
-    trajectory_id: str
-    created_at: datetime
-    adapter_version: str | None
-    sampling: SamplingParams
-    logprob_kind: str
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    behaviour_logprobs_C: np.ndarray
-    teacher: TeacherScores
-
-
-def _utc(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-
-
-def _review_text(text: str | None) -> str | None:
-    """Texts are for reviewers only (training reads token ids); PostgreSQL refuses NUL, so it is replaced."""
-    return None if text is None else text.replace("\x00", "\ufffd")
+    new_scores: int
+    new_rejections: int
+    payload_bytes: int  # teacher logprobs + top-k ids + top-k logprobs of every score row in the call
+    tokens: int  # completion tokens of those rows
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -86,6 +84,38 @@ def shared_store(url: str) -> FeatureStore:
     return FeatureStore.open(url)
 
 
+def _later(current, incoming):
+    """SQL max(current, incoming) that ignores NULLs on both sides, in SQLite and PostgreSQL alike."""
+    return case((incoming > current, incoming), else_=func.coalesce(current, incoming))
+
+
+def _window(q, start, end):
+    if start is not None:
+        q = q.where(TrajectoryRow.created_at >= utc(start))
+    if end is not None:
+        q = q.where(TrajectoryRow.created_at < utc(end))
+    return q
+
+
+def _after(q, after: tuple[datetime, str] | None):
+    """Keyset paging on (created_at, trajectory_id): rows strictly after the previous page's last row."""
+    if after is None:
+        return q
+    at, tid = utc(after[0]), after[1]
+    return q.where(or_(TrajectoryRow.created_at > at,
+                       and_(TrajectoryRow.created_at == at, TrajectoryRow.trajectory_id > tid)))
+
+
+def _scored_by(teacher_id: str):
+    return exists().where(TeacherScoreRow.trajectory_id == TrajectoryRow.trajectory_id,
+                          TeacherScoreRow.teacher_id == teacher_id)
+
+
+def _refused_by(teacher_id: str):
+    return exists().where(ScoringRejectionRow.trajectory_id == TrajectoryRow.trajectory_id,
+                          ScoringRejectionRow.teacher_id == teacher_id)
+
+
 class FeatureStore:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -100,118 +130,199 @@ class FeatureStore:
         return cls(make_engine(url))
 
     # ---- writes -----------------------------------------------------------------------------------------
-    def ingest_scored(self, items: Sequence[tuple[TrajectoryV1, TeacherScores]], teacher_id: str) -> int:
-        """Store trajectories and their teacher scores in one transaction; return how many scores were new."""
+    def land(self, trajectories: Sequence[LoggedTrajectory], progress: Sequence[PartitionProgress] = ()) -> int:
+        """Store consumed trajectories and the consumer's log progress in one transaction; return how many
+        trajectories were new. A trajectory already stored keeps its first row (a replay changes nothing).
+
+        Each trajectory records the group's watermark as it was before this transaction (`landed_watermark`;
+        only when `progress` names the group), so `window_status` can count what arrived after the log was
+        already seen past a window's end."""
+        groups = {(p.group_id, p.topic) for p in progress}
+        if len(groups) > 1:
+            raise StoreError(f"one landing records the progress of one group and topic, got {sorted(groups)}")
         now = datetime.now(UTC)
-        traj_rows, score_rows = [], []
-        for traj, scores in items:
-            n = len(traj.completion_token_ids)
-            if scores.teacher_logprobs_C.shape != (n,):
-                raise AlignmentError(
-                    f"{traj.trajectory_id}: {scores.teacher_logprobs_C.shape} teacher logprobs for {n} tokens"
-                )
-            traj_rows.append(self._trajectory_row(traj, now))
-            score_rows.append({
-                "trajectory_id": traj.trajectory_id, "teacher_id": teacher_id, "scored_at": now, "n_tokens": n,
-                "teacher_logprobs": pack_floats(scores.teacher_logprobs_C), "topk": scores.topk,
-                "topk_token_ids": None if scores.topk_ids_CK is None else pack_ids(scores.topk_ids_CK.ravel()),
-                "topk_logprobs": None if scores.topk_logprobs_CK is None else pack_floats(scores.topk_logprobs_CK.ravel()),
-            })
-        if not items:
+        with Session(self.engine) as s, s.begin():
+            mark = self._watermark(s, *next(iter(groups))) if groups else None
+            rows = [trajectory_row(lt.trajectory, now, lt.partition, lt.offset, mark) for lt in trajectories]
+            new = self._insert_rows(s, TrajectoryRow, rows)
+            self._record_progress(s, progress, now)
+            return new
+
+    def write_scores(self, items: Sequence[tuple[TrajectoryV1, TeacherScores]], teacher_id: str, *,
+                     tokenizer_fingerprint: str | None = None, teacher_temperature: float | None = None,
+                     rejected: Sequence[tuple[str, str]] = ()) -> ScoresWritten:
+        """Store the teacher's scores of landed trajectories and its refusals (trajectory_id, reason) in one
+        transaction: one scoring step commits as a whole. Each score row is stamped with the teacher's
+        tokenizer fingerprint and temperature, which the trainer checks against its student."""
+        now = datetime.now(UTC)
+        rows = [score_row(t, sc, teacher_id, now, tokenizer_fingerprint, teacher_temperature) for t, sc in items]
+        refusals = [{"trajectory_id": tid, "teacher_id": teacher_id, "reason": reason.replace("\x00", "\ufffd")[:2000],
+                     "rejected_at": now} for tid, reason in rejected]
+        with Session(self.engine) as s, s.begin():
+            new_scores = self._insert_rows(s, TeacherScoreRow, rows)
+            new_rejections = self._insert_rows(s, ScoringRejectionRow, refusals)
+        return ScoresWritten(new_scores, new_rejections, sum(score_payload_bytes(r) for r in rows),
+                             sum(r["n_tokens"] for r in rows))
+
+    def ingest_scored(self, items: Sequence[tuple[TrajectoryV1, TeacherScores]], teacher_id: str, *,
+                      tokenizer_fingerprint: str | None = None, teacher_temperature: float | None = None) -> int:
+        """Store trajectories and their teacher scores in one transaction; return how many scores were new.
+
+        For writers that score in-process (tests, benches); the scorer service lands first and scores later."""
+        now = datetime.now(UTC)
+        score_rows = [score_row(t, sc, teacher_id, now, tokenizer_fingerprint, teacher_temperature) for t, sc in items]
+        traj_rows = [trajectory_row(t, now) for t, _ in items]
+        with Session(self.engine) as s, s.begin():
+            self._insert_rows(s, TrajectoryRow, traj_rows)
+            return self._insert_rows(s, TeacherScoreRow, score_rows)
+
+    def _insert_rows(self, s: Session, table, rows: list[dict]) -> int:
+        """INSERT ... ON CONFLICT DO NOTHING; returns the rows actually inserted."""
+        if not rows:
             return 0
         # preserve_rowcount: psycopg reports -1 for a multi-row INSERT unless SQLAlchemy is told to keep it.
-        with Session(self.engine) as s, s.begin():
-            s.execute(self._insert(TrajectoryRow).values(traj_rows).on_conflict_do_nothing(),
-                      execution_options={"preserve_rowcount": True})
-            res = s.execute(self._insert(TeacherScoreRow).values(score_rows).on_conflict_do_nothing(),
-                            execution_options={"preserve_rowcount": True})
-            return max(res.rowcount or 0, 0)
+        res = s.execute(self._insert(table).values(rows).on_conflict_do_nothing(),
+                        execution_options={"preserve_rowcount": True})
+        return max(res.rowcount or 0, 0)
+
+    def _record_progress(self, s: Session, progress: Sequence[PartitionProgress], now: datetime) -> None:
+        """Upsert one row per partition, never moving an offset or a time back (a replay lands older batches)."""
+        if not progress:
+            return
+        partitions = [p.partition for p in progress]
+        if len(set(partitions)) != len(partitions):
+            raise StoreError(f"progress names a partition twice: {sorted(partitions)}")
+        rows = [{"group_id": p.group_id, "topic": p.topic, "partition": p.partition, "next_offset": p.next_offset,
+                 "max_created_at": None if p.max_created_at is None else utc(p.max_created_at),
+                 "caught_up_at": None if p.caught_up_at is None else utc(p.caught_up_at),
+                 "partitions_total": p.partitions_total, "updated_at": now} for p in progress]
+        stmt = self._insert(LogProgressRow).values(rows)
+        incoming, row = stmt.excluded, LogProgressRow
+        s.execute(stmt.on_conflict_do_update(index_elements=["group_id", "topic", "partition"], set_={
+            "next_offset": _later(row.next_offset, incoming.next_offset),
+            "max_created_at": _later(row.max_created_at, incoming.max_created_at),
+            "caught_up_at": _later(row.caught_up_at, incoming.caught_up_at),
+            "partitions_total": incoming.partitions_total,
+            "updated_at": incoming.updated_at,
+        }))
+
+    # ---- progress and coverage --------------------------------------------------------------------------
+    @staticmethod
+    def _progress_rows(s: Session, group_id: str, topic: str) -> list[LogProgressRow]:
+        return list(s.execute(select(LogProgressRow).where(LogProgressRow.group_id == group_id,
+                                                           LogProgressRow.topic == topic)).scalars())
+
+    def _watermark(self, s: Session, group_id: str, topic: str) -> datetime | None:
+        rows = self._progress_rows(s, group_id, topic)
+        return watermark(self._seen(rows), max((r.partitions_total for r in rows), default=0))
 
     @staticmethod
-    def _trajectory_row(t: TrajectoryV1, now: datetime) -> dict:
-        sp = t.sampling
-        return {
-            "trajectory_id": t.trajectory_id, "request_id": t.request_id, "choice_index": t.choice_index,
-            "created_at": t.created_at, "ingested_at": now, "caller_hash": t.caller_hash,
-            "base_model_id": t.base_model_id, "adapter_version": t.adapter_version,
-            "temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k, "max_tokens": sp.max_tokens,
-            "seed": sp.seed, "logprob_kind": t.logprob_kind, "finish_reason": t.finish_reason,
-            "n_prompt_tokens": len(t.prompt_token_ids), "n_completion_tokens": len(t.completion_token_ids),
-            "prompt_token_ids": pack_ids(t.prompt_token_ids), "completion_token_ids": pack_ids(t.completion_token_ids),
-            "behaviour_logprobs": pack_floats(t.behaviour_logprobs), "prompt_text": _review_text(t.prompt_text),
-            "completion_text": _review_text(t.completion_text), "schema_version": t.schema_version,
-        }
+    def _seen(rows: list[LogProgressRow]) -> dict[int, datetime | None]:
+        return {r.partition: seen_up_to(r.max_created_at and utc(r.max_created_at),
+                                        r.caught_up_at and utc(r.caught_up_at)) for r in rows}
+
+    def log_progress(self, group_id: str, topic: str) -> list[PartitionProgress]:
+        """The recorded progress of a group on a topic, by partition (for operators and tests)."""
+        with Session(self.engine) as s:
+            rows = self._progress_rows(s, group_id, topic)
+        return [PartitionProgress(r.group_id, r.topic, r.partition, r.next_offset, r.partitions_total,
+                                  r.max_created_at and utc(r.max_created_at), r.caught_up_at and utc(r.caught_up_at))
+                for r in sorted(rows, key=lambda r: r.partition)]
+
+    def window_status(self, teacher_id: str, start: datetime, end: datetime, *, topic: str,
+                      group_id: str) -> WindowStatus:
+        """Landed, scored and refused counts of [start, end) and the group's watermark over the topic."""
+        in_window = _window(select(func.count()).select_from(TrajectoryRow), start, end)
+        with Session(self.engine) as s:
+            landed = int(s.execute(in_window).scalar_one())
+            late = int(s.execute(in_window.where(TrajectoryRow.landed_watermark >= utc(end))).scalar_one())
+            n_scored = int(s.execute(in_window.where(_scored_by(teacher_id))).scalar_one())
+            refused = int(s.execute(in_window.where(_refused_by(teacher_id), ~_scored_by(teacher_id))).scalar_one())
+            rows = self._progress_rows(s, group_id, topic)
+        total = max((r.partitions_total for r in rows), default=0)
+        seen = self._seen(rows)
+        return WindowStatus(landed=landed, scored=n_scored, rejected=refused, partitions_total=total,
+                            partitions_seen=sum(1 for p in seen if 0 <= p < total),
+                            watermark=watermark(seen, total), late=late)
+
+    def coverage(self, teacher_id: str, start: datetime | None = None, end: datetime | None = None) -> float:
+        """(scored + refused) / landed trajectories of a window (1.0 for an empty window). This alone says
+        nothing about what has not landed yet: a night waits for `window_status(...).complete(...)`."""
+        total = self.count_trajectories(start, end)
+        if total == 0:
+            return 1.0
+        return (self.count_scored(teacher_id, start, end) + self.count_rejected(teacher_id, start, end)) / total
 
     # ---- reads ------------------------------------------------------------------------------------------
     def count_trajectories(self, start: datetime | None = None, end: datetime | None = None) -> int:
-        q = select(func.count()).select_from(TrajectoryRow)
-        q = self._window(q, start, end)
         with Session(self.engine) as s:
-            return int(s.execute(q).scalar_one())
+            return int(s.execute(_window(select(func.count()).select_from(TrajectoryRow), start, end)).scalar_one())
 
     def count_scored(self, teacher_id: str, start: datetime | None = None, end: datetime | None = None) -> int:
         q = (select(func.count()).select_from(TeacherScoreRow)
              .join(TrajectoryRow, TrajectoryRow.trajectory_id == TeacherScoreRow.trajectory_id)
              .where(TeacherScoreRow.teacher_id == teacher_id))
-        q = self._window(q, start, end)
         with Session(self.engine) as s:
-            return int(s.execute(q).scalar_one())
+            return int(s.execute(_window(q, start, end)).scalar_one())
 
-    @staticmethod
-    def _window(q, start, end):
-        if start is not None:
-            q = q.where(TrajectoryRow.created_at >= _utc(start))
-        if end is not None:
-            q = q.where(TrajectoryRow.created_at < _utc(end))
-        return q
+    def count_rejected(self, teacher_id: str, start: datetime | None = None, end: datetime | None = None) -> int:
+        """Trajectories of a window the teacher refused and has not scored."""
+        q = select(func.count()).select_from(TrajectoryRow).where(_refused_by(teacher_id), ~_scored_by(teacher_id))
+        with Session(self.engine) as s:
+            return int(s.execute(_window(q, start, end)).scalar_one())
 
     def scored_ids(self, teacher_id: str, start: datetime | None = None, end: datetime | None = None,
                    adapter_version: object = ...) -> list[str]:
         """Ids of scored trajectories of a window, oldest first (ties by id, so the order is stable).
 
         `adapter_version`: omit for all; None for the base student's; a version string for that adapter's."""
-        q = (select(TrajectoryRow.trajectory_id)
-             .join(TeacherScoreRow, TrajectoryRow.trajectory_id == TeacherScoreRow.trajectory_id)
-             .where(TeacherScoreRow.teacher_id == teacher_id)
-             .order_by(TrajectoryRow.created_at, TrajectoryRow.trajectory_id))
-        q = self._window(q, start, end)
+        q = _window(self._scored_query(TrajectoryRow.trajectory_id, teacher_id), start, end)
         if adapter_version is not ...:
             q = q.where(TrajectoryRow.adapter_version.is_(None) if adapter_version is None
                         else TrajectoryRow.adapter_version == adapter_version)
         with Session(self.engine) as s:
             return list(s.execute(q).scalars())
 
-    def unscored(self, teacher_id: str, since: datetime | None = None, until: datetime | None = None, *,
-                 after: tuple[datetime, str] | None = None, limit: int = 256) -> list[TrajectoryV1]:
-        """Stored trajectories of [since, until) that `teacher_id` has not scored, oldest first, after the keyset
-        `after` = (created_at, trajectory_id) of the previous page: what a backfill with a new teacher reads."""
-        scored = exists().where(TeacherScoreRow.trajectory_id == TrajectoryRow.trajectory_id,
-                                TeacherScoreRow.teacher_id == teacher_id)
-        q = self._window(select(TrajectoryRow).where(~scored), since, until)
-        if after is not None:
-            at, tid = _utc(after[0]), after[1]
-            q = q.where(or_(TrajectoryRow.created_at > at,
-                            and_(TrajectoryRow.created_at == at, TrajectoryRow.trajectory_id > tid)))
-        q = q.order_by(TrajectoryRow.created_at, TrajectoryRow.trajectory_id).limit(limit)
+    def scored_prompt_index(self, teacher_id: str, start: datetime | None, end: datetime | None
+                            ) -> list[tuple[str, str]]:
+        """(trajectory_id, prompt_hash) of the window's scored trajectories, oldest first, ties by id: what a
+        prompt-level held-out split needs without loading any array."""
+        q = _window(self._scored_query(TrajectoryRow.trajectory_id, teacher_id).add_columns(TrajectoryRow.prompt_hash),
+                    start, end)
         with Session(self.engine) as s:
-            return [self._message(r) for r in s.execute(q).scalars()]
+            return [(tid, h) for tid, h in s.execute(q).all()]
 
     @staticmethod
-    def _message(r: TrajectoryRow) -> TrajectoryV1:
-        """Rebuild the logged message from its stored row (length-checked arrays, UTC timestamps)."""
-        n = r.n_completion_tokens
-        return TrajectoryV1(
-            schema_version=r.schema_version, trajectory_id=r.trajectory_id, request_id=r.request_id,
-            choice_index=r.choice_index, created_at=_utc(r.created_at), caller_hash=r.caller_hash,
-            base_model_id=r.base_model_id, adapter_version=r.adapter_version,
-            sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                    max_tokens=r.max_tokens, seed=r.seed),
-            prompt_token_ids=unpack_ids(r.prompt_token_ids, r.n_prompt_tokens, "prompt ids"),
-            completion_token_ids=unpack_ids(r.completion_token_ids, n, "completion ids"),
-            behaviour_logprobs=unpack_floats(r.behaviour_logprobs, n, "behaviour logprobs").tolist(),
-            logprob_kind=r.logprob_kind, finish_reason=r.finish_reason,
-            prompt_text=r.prompt_text, completion_text=r.completion_text,
-        )
+    def _scored_query(column, teacher_id: str):
+        return (select(column)
+                .join(TeacherScoreRow, TrajectoryRow.trajectory_id == TeacherScoreRow.trajectory_id)
+                .where(TeacherScoreRow.teacher_id == teacher_id)
+                .order_by(TrajectoryRow.created_at, TrajectoryRow.trajectory_id))
+
+    def unscored(self, teacher_id: str, since: datetime | None = None, until: datetime | None = None, *,
+                 after: tuple[datetime, str] | None = None, limit: int = 256) -> list[TrajectoryV1]:
+        """Stored trajectories of [since, until) that `teacher_id` has neither scored nor refused, oldest first,
+        after the keyset `after` = (created_at, trajectory_id) of the previous page: what a backfill with a new
+        teacher reads."""
+        q = _after(_window(self._unscored_query(teacher_id), since, until), after).limit(limit)
+        with Session(self.engine) as s:
+            return [message(r) for r in s.execute(q).scalars()]
+
+    def pending(self, teacher_id: str, partitions: Collection[int], *, after: tuple[datetime, str] | None = None,
+                limit: int = 256) -> list[LoggedTrajectory]:
+        """Landed trajectories of these log partitions that `teacher_id` has neither scored nor refused, oldest
+        first (keyset `after`), with their place in the log: the scorer's backlog for the partitions it owns."""
+        if not partitions:
+            return []
+        q = self._unscored_query(teacher_id).where(TrajectoryRow.log_partition.in_(sorted(partitions)))
+        with Session(self.engine) as s:
+            rows = s.execute(_after(q, after).limit(limit)).scalars()
+            return [LoggedTrajectory(message(r), r.log_partition, r.log_offset) for r in rows]
+
+    @staticmethod
+    def _unscored_query(teacher_id: str):
+        return (select(TrajectoryRow).where(~_scored_by(teacher_id), ~_refused_by(teacher_id))
+                .order_by(TrajectoryRow.created_at, TrajectoryRow.trajectory_id))
 
     def load_scored(self, ids: Sequence[str], teacher_id: str) -> list[ScoredTrajectory]:
         """Load scored trajectories by id, in the order given; a missing id is an error, not a silent gap."""
@@ -225,36 +336,11 @@ class FeatureStore:
                     .where(TeacherScoreRow.teacher_id == teacher_id, TrajectoryRow.trajectory_id.in_(chunk))
                 ).all()
                 for t, sc in rows:
-                    out[t.trajectory_id] = self._scored(t, sc)
+                    out[t.trajectory_id] = scored(t, sc)
         missing = [i for i in ids if i not in out]
         if missing:
             raise StoreError(f"{len(missing)} trajectories not scored by {teacher_id!r}, e.g. {missing[:3]}")
         return [out[i] for i in ids]
-
-    @staticmethod
-    def _scored(t: TrajectoryRow, sc: TeacherScoreRow) -> ScoredTrajectory:
-        n = t.n_completion_tokens
-        if sc.n_tokens != n:
-            raise StoreError(f"{t.trajectory_id}: teacher scored {sc.n_tokens} tokens, trajectory has {n}")
-        topk_ids = topk_lps = None
-        if sc.topk:
-            topk_ids = np.asarray(unpack_ids(sc.topk_token_ids, n * sc.topk, "top-k ids")).reshape(n, sc.topk)
-            topk_lps = unpack_floats(sc.topk_logprobs, n * sc.topk, "top-k logprobs").reshape(n, sc.topk)
-        return ScoredTrajectory(
-            trajectory_id=t.trajectory_id, created_at=_utc(t.created_at), adapter_version=t.adapter_version,
-            sampling=SamplingParams(temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
-                                    max_tokens=t.max_tokens, seed=t.seed),
-            logprob_kind=t.logprob_kind,
-            prompt_ids=unpack_ids(t.prompt_token_ids, t.n_prompt_tokens, "prompt ids"),
-            completion_ids=unpack_ids(t.completion_token_ids, n, "completion ids"),
-            behaviour_logprobs_C=unpack_floats(t.behaviour_logprobs, n, "behaviour logprobs"),
-            teacher=TeacherScores(unpack_floats(sc.teacher_logprobs, n, "teacher logprobs"), topk_ids, topk_lps),
-        )
-
-    def coverage(self, teacher_id: str, start: datetime | None = None, end: datetime | None = None) -> float:
-        """Scored trajectories / stored trajectories of a window (1.0 for an empty window)."""
-        total = self.count_trajectories(start, end)
-        return 1.0 if total == 0 else self.count_scored(teacher_id, start, end) / total
 
     # ---- manifests, adapter versions, retention ---------------------------------------------------------
     def get_manifest(self, interval_key: str) -> TrainingManifestRow | None:
@@ -271,7 +357,7 @@ class FeatureStore:
         existing = self.get_manifest(interval_key)
         if existing is not None:
             return existing
-        row = {"interval_key": interval_key, "window_start": _utc(start), "window_end": _utc(end),
+        row = {"interval_key": interval_key, "window_start": utc(start), "window_end": utc(end),
                "teacher_id": teacher_id, "created_at": datetime.now(UTC), "n_train": len(train_ids),
                "n_heldout": len(heldout_ids), "champion_version": champion_version,
                "train_ids_json": json.dumps(train_ids),
@@ -286,10 +372,11 @@ class FeatureStore:
             s.execute(self._insert(AdapterVersionRow).values(row).on_conflict_do_nothing())
 
     def purge(self, older_than: datetime) -> int:
-        """Delete trajectories (and, by cascade, their scores) created before `older_than`."""
-        cutoff = _utc(older_than)
+        """Delete trajectories (and, by cascade, their scores and refusals) created before `older_than`."""
+        cutoff = utc(older_than)
         with Session(self.engine) as s, s.begin():
             old = select(TrajectoryRow.trajectory_id).where(TrajectoryRow.created_at < cutoff)
             s.execute(delete(TeacherScoreRow).where(TeacherScoreRow.trajectory_id.in_(old)))
+            s.execute(delete(ScoringRejectionRow).where(ScoringRejectionRow.trajectory_id.in_(old)))
             res = s.execute(delete(TrajectoryRow).where(TrajectoryRow.created_at < cutoff))
             return res.rowcount or 0

@@ -2,8 +2,17 @@
 
 - `trajectories`: one row per logged choice, natural key `trajectory_id`; token arrays stored as packed
   little-endian bytes (`schemas.arrays`) with their lengths beside them, checked on read and write.
+  Rows the scorer landed carry where they sat in the log (`log_partition`, `log_offset`; NULL for rows
+  written by other paths) and `landed_watermark` (the consumer group's watermark just before the row landed:
+  a row whose window end it had already passed arrived late); every row carries `prompt_hash` (`schemas.prompts.prompt_hash`), the held-out split's key.
 - `teacher_scores`: one row per (trajectory, teacher): the teacher's logprob of every completion token, and
-  optionally its top-k (ids, logprobs) per completion position.
+  optionally its top-k (ids, logprobs) per completion position, stamped with the teacher's tokenizer
+  fingerprint and the temperature it scored under (NULL on rows older than migration 0004).
+- `scoring_rejections`: one row per (trajectory, teacher) the teacher refused, so it is counted as handled
+  and never retried forever.
+- `log_progress`: per (consumer group, topic, partition), how far the scorer has landed the log: the next
+  offset, the newest `created_at` landed, the last time it found nothing more to read, and the topic's
+  partition count; `FeatureStore.window_status` turns these into a watermark.
 - `adapter_versions`: every registered candidate, with its data window and gate outcome (the registry of record
   is MLflow; this table lets SQL join trajectories to the policy that produced them).
 - `training_manifests`: the trajectory ids one nightly run trained on, keyed by its data interval, so a rerun of
@@ -20,6 +29,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -34,6 +44,8 @@ class Base(DeclarativeBase):
 
 class TrajectoryRow(Base):
     __tablename__ = "trajectories"
+    # The scorer's backlog query: unscored rows of its assigned partitions, oldest first.
+    __table_args__ = (Index("ix_trajectories_log_partition", "log_partition", "created_at"),)
 
     trajectory_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     request_id: Mapped[str] = mapped_column(String(128))
@@ -58,6 +70,10 @@ class TrajectoryRow(Base):
     prompt_text: Mapped[str | None] = mapped_column(Text)
     completion_text: Mapped[str | None] = mapped_column(Text)
     schema_version: Mapped[int] = mapped_column(Integer)
+    prompt_hash: Mapped[str] = mapped_column(String(64), index=True)
+    log_partition: Mapped[int | None] = mapped_column(Integer)
+    log_offset: Mapped[int | None] = mapped_column(BigInteger)
+    landed_watermark: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class TeacherScoreRow(Base):
@@ -73,6 +89,32 @@ class TeacherScoreRow(Base):
     topk: Mapped[int] = mapped_column(Integer, default=0)
     topk_token_ids: Mapped[bytes | None] = mapped_column(LargeBinary)
     topk_logprobs: Mapped[bytes | None] = mapped_column(LargeBinary)
+    tokenizer_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    teacher_temperature: Mapped[float | None] = mapped_column(Float)
+
+
+class ScoringRejectionRow(Base):
+    __tablename__ = "scoring_rejections"
+
+    trajectory_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("trajectories.trajectory_id", ondelete="CASCADE"), primary_key=True
+    )
+    teacher_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    rejected_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class LogProgressRow(Base):
+    __tablename__ = "log_progress"
+
+    group_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    topic: Mapped[str] = mapped_column(String(249), primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    next_offset: Mapped[int] = mapped_column(BigInteger)
+    max_created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    caught_up_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    partitions_total: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class AdapterVersionRow(Base):

@@ -1,4 +1,5 @@
-"""The feature store against SQLite and PostgreSQL: idempotent writes, windows, coverage, manifests, purge, checks."""
+"""The feature store against SQLite and PostgreSQL: idempotent writes, windows, coverage, manifests, purge, checks;
+landing with log progress, scores written after, and the window status built from them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from feature_store.records import LoggedTrajectory, PartitionProgress
 from feature_store.store import FeatureStore, TeacherScores
+from schemas.prompts import prompt_hash
 from schemas.tables import TeacherScoreRow, TrajectoryRow
 from schemas.trajectory import SamplingParams, TrajectoryV1
 from foundation.errors import AlignmentError, StoreError
@@ -86,6 +89,17 @@ def test_round_trip_keeps_every_array_and_field(store):
     assert got.sampling == a.sampling
     assert got.teacher.topk == 3
     assert got.teacher.topk_ids_CK.tolist() == np.arange(12).reshape(4, 3).tolist()
+    assert got.base_model_id == "tiny-student"
+    assert got.prompt_hash == prompt_hash(a.prompt_token_ids)
+    assert (got.tokenizer_fingerprint, got.teacher_temperature) == (None, None)  # ingest_scored was not told
+
+
+def test_ingest_scored_stamps_the_teachers_tokenizer_and_temperature(store):
+    a = _traj(7, 3)
+    store.ingest_scored([(a, _scores(a))], TEACHER, tokenizer_fingerprint="tok-0123456789abcdef",
+                        teacher_temperature=2.0)
+    got = store.load_scored(["t007"], TEACHER)[0]
+    assert (got.tokenizer_fingerprint, got.teacher_temperature) == ("tok-0123456789abcdef", 2.0)
 
 
 def test_a_wrong_length_score_writes_nothing(store):
@@ -167,3 +181,114 @@ def test_serving_sized_seeds_and_nul_texts_are_stored(store):
     t = t.model_copy(update={"sampling": t.sampling.model_copy(update={"seed": 2**62 + 5})})
     assert store.ingest_scored([(t, _scores(t))], TEACHER) == 1
     assert store.load_scored([t.trajectory_id], TEACHER)[0].sampling.seed == 2**62 + 5
+
+
+# ---- landing, progress, window status ---------------------------------------------------------------------------
+GROUP, TOPIC = "shadow-scoring", "shadow.trajectories.v1"
+
+
+def _landed(i: int, minutes: int, partition: int, offset: int) -> LoggedTrajectory:
+    return LoggedTrajectory(_traj(i, minutes), partition, offset)
+
+
+def _progress(partition: int, next_offset: int, *, newest: int | None = None, caught_up: int | None = None,
+              total: int = 2) -> PartitionProgress:
+    """Progress of one partition; `newest` / `caught_up` are minutes after T0."""
+    at = (lambda m: None if m is None else T0 + timedelta(minutes=m))
+    return PartitionProgress(GROUP, TOPIC, partition, next_offset, total, at(newest), at(caught_up))
+
+
+def _status(store, start=T0, end=T0 + timedelta(minutes=30)):
+    return store.window_status(TEACHER, start, end, topic=TOPIC, group_id=GROUP)
+
+
+def test_land_is_idempotent_and_keeps_where_the_trajectory_sat(store):
+    first = store.land([_landed(1, 0, 1, 7), _landed(2, 1, 0, 3)], [_progress(1, 8), _progress(0, 4)])
+    again = store.land([_landed(1, 0, 0, 99)], [_progress(0, 100)])  # a replay elsewhere changes nothing
+    [pending] = store.pending(TEACHER, [1])
+    assert (first, again) == (2, 0)
+    assert _rows(store, TrajectoryRow) == 2
+    assert (pending.trajectory.trajectory_id, pending.partition, pending.offset) == ("t001", 1, 7)
+
+
+def test_progress_keeps_the_maximum_and_ignores_missing_values(store):
+    store.land([], [_progress(0, 10, newest=20, caught_up=25)])
+    store.land([], [_progress(0, 4, newest=5)])  # an older batch replayed after a rebalance
+    [p] = store.log_progress(GROUP, TOPIC)
+    assert p.next_offset == 10
+    assert p.max_created_at == T0 + timedelta(minutes=20)
+    assert p.caught_up_at == T0 + timedelta(minutes=25)
+
+
+def test_progress_moves_forward(store):
+    store.land([], [_progress(0, 10, newest=20)])
+    store.land([], [_progress(0, 12, newest=21, caught_up=40, total=3)])
+    [p] = store.log_progress(GROUP, TOPIC)
+    assert (p.next_offset, p.max_created_at, p.caught_up_at, p.partitions_total) == (
+        12, T0 + timedelta(minutes=21), T0 + timedelta(minutes=40), 3)
+
+
+def test_one_landing_records_one_group(store):
+    other = PartitionProgress("other-group", TOPIC, 1, 1, 2)
+    with pytest.raises(StoreError, match="one group and topic"):
+        store.land([], [_progress(0, 1), other])
+
+
+def test_the_watermark_waits_for_every_partition(store):
+    store.land([_landed(1, 10, 0, 0)], [_progress(0, 1, newest=40)])
+    assert _status(store).watermark is None  # partition 1 of 2 never seen
+    assert _status(store).partitions_seen == 1
+    store.land([], [_progress(1, 0, caught_up=35)])  # idle, found caught up at T0 + 35 min
+    assert _status(store).watermark == T0 + timedelta(minutes=35)
+    assert _status(store).partitions_seen == 2
+
+
+def test_window_status_counts_landed_scored_and_refused(store):
+    trajs = [_traj(i, i) for i in range(4)]
+    store.land([LoggedTrajectory(t, i % 2, i) for i, t in enumerate(trajs)],
+               [_progress(0, 2, newest=3, caught_up=60), _progress(1, 2, newest=3, caught_up=60)])
+    store.write_scores([(trajs[0], _scores(trajs[0])), (trajs[1], _scores(trajs[1]))], TEACHER,
+                       rejected=[(trajs[2].trajectory_id, "token id 999 >= teacher vocabulary size 384")])
+    status = _status(store)
+    assert (status.landed, status.scored, status.rejected) == (4, 2, 1)
+    assert status.coverage == 0.75
+    assert store.coverage(TEACHER) == 0.75
+    assert not status.complete(T0 + timedelta(minutes=30), lateness_s=600, threshold=0.8)
+    assert status.complete(T0 + timedelta(minutes=30), lateness_s=600, threshold=0.75)
+
+
+def test_a_trajectory_landed_after_the_watermark_passed_the_window_is_counted_late(store):
+    store.land([_landed(1, 10, 0, 0)], [_progress(0, 1, newest=10, caught_up=50), _progress(1, 0, caught_up=50)])
+    store.land([_landed(2, 5, 1, 0)], [_progress(1, 1, newest=5)])  # created at +5 min, landed once +50 was seen
+    assert (_status(store).late, _status(store, end=T0 + timedelta(minutes=60)).late) == (1, 0)
+
+
+def test_pending_is_the_unscored_unrefused_backlog_of_the_owned_partitions(store):
+    trajs = [_traj(i, 10 - i) for i in range(5)]
+    store.land([LoggedTrajectory(t, i % 2, i) for i, t in enumerate(trajs)])
+    store.write_scores([(trajs[4], _scores(trajs[4]))], TEACHER, rejected=[(trajs[2].trajectory_id, "refused")])
+    assert [lt.trajectory.trajectory_id for lt in store.pending(TEACHER, [0])] == ["t000"]
+    assert [lt.trajectory.trajectory_id for lt in store.pending(TEACHER, [0, 1])] == ["t003", "t001", "t000"]
+    assert [lt.trajectory.trajectory_id for lt in store.pending("other-teacher", [0, 1], limit=2)] == ["t004", "t003"]
+    assert store.pending(TEACHER, []) == []
+
+
+def test_write_scores_is_idempotent_and_stamps_every_row(store):
+    a = _traj(1, 0)
+    store.land([LoggedTrajectory(a, 0, 0)])
+    first = store.write_scores([(a, _scores(a, topk=2))], TEACHER, tokenizer_fingerprint="tok-abc",
+                               teacher_temperature=1.0)
+    again = store.write_scores([(a, _scores(a, shift=3.0))], TEACHER, tokenizer_fingerprint="tok-other")
+    [got] = store.load_scored(["t001"], TEACHER)
+    assert (first.new_scores, again.new_scores) == (1, 0)
+    assert (first.payload_bytes, first.tokens) == (3 * (4 + 2 * 8), 3)
+    assert (got.tokenizer_fingerprint, got.teacher_temperature) == ("tok-abc", 1.0)
+
+
+def test_scored_prompt_index_lists_the_windows_prompts_oldest_first(store):
+    trajs = [_traj(i, m) for i, m in [(5, 10), (3, 0), (4, 0)]]
+    store.ingest_scored([(t, _scores(t)) for t in trajs], TEACHER)
+    store.land([LoggedTrajectory(_traj(6, 1), 0, 0)])  # landed, not scored
+    assert store.scored_prompt_index(TEACHER, T0, T0 + timedelta(hours=1)) == [
+        ("t003", prompt_hash(trajs[1].prompt_token_ids)), ("t004", prompt_hash(trajs[2].prompt_token_ids)),
+        ("t005", prompt_hash(trajs[0].prompt_token_ids))]
