@@ -1,7 +1,7 @@
 """What the scorer service costs on top of the teacher's forward pass: end-to-end vs bare tokens/s, one run.
 
-End to end = the real `ScoringService` (Kafka poll -> decode/validate -> teacher -> sqlite feature store in one
-transaction -> offset commit) on a Tansu broker this bench starts. Bare = `EmbeddedTeacher.score` alone on the
+End to end = the real `ScoringService` (Kafka poll -> decode -> land in the sqlite feature store -> offset commit
+-> teacher on the landed backlog -> scores written) on a Tansu broker this bench starts. Bare = `EmbeddedTeacher.score` alone on the
 very batches the service formed (a recording wrapper around the teacher keeps them). The trajectories are real
 student samples (temperature 1, varied prompts and completion lengths), produced before timing starts.
 
@@ -44,6 +44,7 @@ class RecordingTeacher:
 
     def __init__(self, inner: EmbeddedTeacher):
         self.inner, self.teacher_id, self.vocab_size = inner, inner.teacher_id, inner.vocab_size
+        self.tokenizer_fingerprint, self.temperature = inner.tokenizer_fingerprint, inner.temperature
         self.batches: list[list[TrajectoryV1]] = []
 
     def score(self, batch: list[TrajectoryV1], topk: int = 0) -> list[TeacherScores]:

@@ -1,24 +1,30 @@
-"""The teacher scorer: reads trajectories from Kafka, scores them with the teacher, writes the feature store.
+"""The teacher scorer: lands trajectories from Kafka in the feature store, then backfills the teacher's scores.
 
     from shadow_scoring import ScoringConfig, ScoringService, backfill, build_teacher
     ScoringService.from_config(ScoringConfig(bootstrap_servers=..., store_url=..., teacher=...)).run()
 
-`teacher.py` holds the teachers (in-process or a vLLM server) and token-budget batching; `consumer.py` the
-Kafka service (dead-letter topic, offsets committed after the DB commit, backoff) and `backfill`.
+`teacher.py` holds the teachers (in-process or a vLLM server), token-budget batching and the tokenizer check;
+`landing.py` decoding, log progress and dead-letter headers; `scoring.py` scoring from the store (the service's
+backlog and `backfill` for a new teacher); `consumer.py` the Kafka service (offsets committed after the landing
+transaction, backoff); `metrics.py` its counters.
 """
 
 from shadow_scoring.config import ScoringConfig
-from shadow_scoring.consumer import BackfillReport, ScoringService, ScoringStats, backfill
+from shadow_scoring.consumer import ScoringService
+from shadow_scoring.metrics import ScoringStats
+from shadow_scoring.scoring import BackfillReport, backfill, bytes_per_token
 from shadow_scoring.teacher import (
     EmbeddedTeacher,
     OpenAITeacher,
     Teacher,
     build_teacher,
+    check_tokenizer_match,
     plan_batches,
     score_in_batches,
 )
 
 __all__ = [
     "BackfillReport", "EmbeddedTeacher", "OpenAITeacher", "ScoringConfig", "ScoringService", "ScoringStats",
-    "Teacher", "backfill", "build_teacher", "plan_batches", "score_in_batches",
+    "Teacher", "backfill", "build_teacher", "bytes_per_token", "check_tokenizer_match", "plan_batches",
+    "score_in_batches",
 ]

@@ -1,13 +1,17 @@
 """Settings of the teacher scorer, validated once when the service starts.
 
 Why a `StrictConfig` (a frozen pydantic model): the CLI, the Airflow DAG and the tests build the same settings from flags, env or JSON,
-and a bad value (a negative token budget, an http teacher without its vocabulary size) should fail at start-up
-with the field's name, not minutes later inside a Kafka callback.
+and a bad value (a negative token budget, an http teacher without its vocabulary size or tokenizer) should fail
+at start-up with the field's name, not minutes later inside a Kafka callback.
 
     cfg = ScoringConfig(bootstrap_servers="127.0.0.1:9092", store_url="sqlite:///store.db",
-                        teacher="~/.cache/shadow-distill/models/teacher")
+                        teacher="~/.cache/shadow-distill/models/teacher", student_tokenizer="models/student")
     cfg = ScoringConfig(..., teacher="http://vllm:8000", teacher_model="smollm2-135m-instruct",
-                        teacher_vocab_size=49152)
+                        teacher_vocab_size=49152, teacher_tokenizer="/models/teacher")
+
+Top-k is on by default (k = 20): production traffic is mostly greedy or low-temperature, where the sampled
+token's logprob teaches little and the analytic loss over the teacher's top-k is what trains (DESIGN.md, rule 2).
+It costs 4 + 8k bytes per completion token (164 at k = 20) instead of 4.
     cfg.consumer_settings()   # kwargs for kafka.KafkaConsumer
 """
 
@@ -20,6 +24,8 @@ from pydantic import Field, field_validator, model_validator
 from foundation.config import StrictConfig
 
 from schemas.trajectory import DEAD_LETTER_TOPIC, DEFAULT_TOPIC
+
+DEFAULT_TOPK = 20  # vLLM's default --max-logprobs, so an http teacher serves it without a flag
 
 
 class ScoringConfig(StrictConfig):
@@ -58,7 +64,18 @@ class ScoringConfig(StrictConfig):
     temperature: float = Field(1.0, gt=0, description="Embedded teacher only: score under softmax(logits / T).")
     device: str = Field("auto", description="Embedded teacher only: 'auto', 'cpu', 'cuda', 'cuda:1', ...")
     batch_tokens: int = Field(8_192, ge=1, description="Token budget of one teacher forward pass (padded).")
-    topk: int = Field(0, ge=0, le=1_000, description="Also store the teacher's top-k per completion token (0: off).")
+    topk: int = Field(DEFAULT_TOPK, ge=0, le=1_000, description=(
+        "Also store the teacher's top-k per completion token (0: off). An http teacher needs vLLM's "
+        "--max-logprobs >= topk."))
+    student_tokenizer: str | None = Field(None, min_length=1, description=(
+        "Folder holding the student's tokenizer (the student model folder). At start-up a teacher whose "
+        "tokenizer fingerprint differs is refused. Unset: nothing is checked (scores still record the teacher's)."))
+    teacher_tokenizer: str | None = Field(None, min_length=1, description=(
+        "Folder holding the teacher's tokenizer; required for an http teacher (the server does not expose it). "
+        "An embedded teacher uses its own folder's."))
+    score_tokens_per_step: int = Field(32_768, ge=1, description=(
+        "Prompt + completion tokens the scorer scores from its backlog per service step (after landing a poll); "
+        "bounds a step's time so the group membership and landing keep up."))
 
     # ---- operations -------------------------------------------------------------------------------------
     metrics_port: int | None = Field(
@@ -72,6 +89,9 @@ class ScoringConfig(StrictConfig):
         "At start-up, how long to keep retrying an unreachable broker or database before giving up "
         "(0: fail at once). Lets the scorer start before its dependencies, as in a compose or k8s roll-out."))
     lag_refresh_s: float = Field(5.0, ge=0, description="How often consumer lag is measured (it costs a request).")
+    idle_progress_s: float = Field(5.0, ge=0, description=(
+        "While the log is idle, how often the scorer checks the end offsets and records that its partitions "
+        "are caught up (the idle partitions' watermark advances by this step)."))
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -92,7 +112,8 @@ class ScoringConfig(StrictConfig):
             raise ValueError(f"max_poll_interval_ms {self.max_poll_interval_ms} is below "
                              f"session_timeout_ms {self.session_timeout_ms}")
         if self.teacher_is_http:
-            missing = [f for f in ("teacher_model", "teacher_vocab_size") if getattr(self, f) is None]
+            missing = [f for f in ("teacher_model", "teacher_vocab_size", "teacher_tokenizer")
+                       if getattr(self, f) is None]
             if missing:
                 raise ValueError(f"teacher {self.teacher!r} is a server URL: set {' and '.join(missing)}")
             if self.temperature != 1.0:

@@ -1,20 +1,27 @@
-"""The teacher scorer service: Kafka trajectories -> teacher logprobs -> feature store, exactly once in effect.
+"""The teacher scorer service: Kafka trajectories -> feature store (landed) -> teacher scores (backfilled).
 
-One step = one poll: decode every message (bad ones go to the dead-letter topic with the reason in headers),
-score the good ones in token-budget batches, write them with `FeatureStore.ingest_scored` (one transaction,
-idempotent on `trajectory_id` x `teacher_id`), and only then commit the Kafka offsets. A crash anywhere before
-the commit replays the poll; the replay writes nothing twice. At-least-once delivery + idempotent upsert.
+One step of the service loop:
+1. LAND: poll once; decode every message (undecodable ones go to the dead-letter topic with the reason in
+   headers); write the decoded trajectories and each partition's log progress with `FeatureStore.land` (one
+   transaction, idempotent on `trajectory_id`); only then commit the Kafka offsets. A crash before the commit
+   replays the poll; the replay writes nothing twice.
+2. SCORE: score the landed-but-unscored trajectories of the partitions this consumer is assigned, oldest first,
+   up to `score_tokens_per_step` tokens, and write the scores (idempotent on trajectory x teacher). A trajectory
+   the teacher refuses is recorded in `scoring_rejections` and dead-lettered (re-serialized from its row).
+   Ownership comes from the Kafka consumer group, so scorers sharing a group split the scoring as they split
+   the log; after a rebalance or a restart the new owner scores what the old one landed and left unscored.
+
+So the store holds what was consumed even while the teacher lags, and `FeatureStore.window_status` can tell a
+night that is complete from one that is not (coverage of what landed, and the log's watermark).
 
 When the database, the teacher server or the dead-letter topic is down, the service pauses its partitions,
 retries with exponential backoff, commits nothing, and resumes where it was: it neither crashes nor skips.
+SIGTERM/SIGINT finish the step in hand (its landing is committed, its scores written) and exit.
 
     service = ScoringService.from_config(ScoringConfig(bootstrap_servers=..., store_url=..., teacher=...))
-    service.run()                       # until SIGTERM/SIGINT: finishes the batch, commits, exits
-    backfill(store, new_teacher, since, until, batch_tokens=8192)   # rescore stored trajectories
+    service.run()                       # until SIGTERM/SIGINT
 
-Metrics (`stats()`, and Prometheus text on `/metrics` when `metrics_port` is set): messages scored, new rows
-written, completion tokens scored and tokens/s of the last poll, dead-lettered (by reason), retries, consumer
-lag (end offset - committed offset over this scorer's partitions).
+Metrics (`stats()`, and Prometheus text on `/metrics` when `metrics_port` is set): see `shadow_scoring.metrics`.
 """
 
 from __future__ import annotations
@@ -23,24 +30,43 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import sqlalchemy.exc
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from feature_store.store import FeatureStore, TeacherScores
-from schemas.trajectory import TrajectoryV1, decode_trajectory
-from foundation.errors import InvalidTrajectory
+from feature_store.records import LoggedTrajectory, PartitionProgress
+from feature_store.store import FeatureStore, ScoresWritten
 from shadow_scoring.config import ScoringConfig
-from shadow_scoring.teacher import Teacher, build_teacher, check_vocab, score_in_batches
+from shadow_scoring.landing import (
+    dead_letter_headers,
+    decode_records,
+    logged,
+    next_offsets,
+    partition_progress,
+    rejection_headers,
+)
+from shadow_scoring.metrics import ScoringStats, StatsCollector
+from shadow_scoring.scoring import (
+    BackfillReport,
+    PageOutcome,
+    backfill,
+    bytes_per_token,
+    page_lengths,
+    score_page,
+    within_budget,
+    write_page,
+)
+from shadow_scoring.teacher import Teacher, build_teacher, check_tokenizer_match
+
+__all__ = ["BackfillReport", "ScoringService", "ScoringStats", "backfill", "dead_letter_headers", "wait_at_startup"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,95 +78,14 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError, KafkaError,
 )
 
-
 # The database is up but refuses this row: retrying cannot help, the message is a poison.
 REFUSED_BY_DATABASE = (sqlalchemy.exc.DataError, sqlalchemy.exc.IntegrityError)
+
+Cursor = tuple[datetime, str]
 
 
 class _Stopped(Exception):
     """Stop was requested while waiting for a dependency: leave without committing (the poll is replayed)."""
-
-
-@dataclass
-class ScoringStats:
-    messages_scored: int = 0
-    rows_written: int = 0  # new teacher_scores rows; fewer than messages_scored means replays were absorbed
-    tokens_scored: int = 0  # completion tokens that received a teacher logprob
-    tokens_per_s: float = 0.0  # of the last poll's scoring
-    dead_lettered: int = 0
-    dead_lettered_by_reason: dict[str, int] = field(default_factory=dict)
-    duplicates_in_poll: int = 0
-    retries: int = 0
-    waiting_for: str | None = None  # "database", "teacher", "dead-letter topic" while retrying
-    consumer_lag: int | None = None
-    commits: int = 0
-
-
-class _StatsCollector:
-    """Exposes `ScoringStats` to Prometheus, so `stats()` and `/metrics` can never disagree."""
-
-    def __init__(self, stats: ScoringStats):
-        self.stats = stats
-
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        s = self.stats
-        for name, doc, value in [
-            ("messages_scored", "Trajectories scored and stored", s.messages_scored),
-            ("rows_written", "New teacher_scores rows (replays write none)", s.rows_written),
-            ("tokens_scored", "Completion tokens scored by the teacher", s.tokens_scored),
-            ("retries", "Retries while the database, teacher or DLQ was unavailable", s.retries),
-        ]:
-            yield CounterMetricFamily(f"shadow_scoring_{name}", doc, value=value)
-        dead = CounterMetricFamily("shadow_scoring_dead_lettered", "Messages sent to the DLQ", labels=["reason"])
-        for reason, n in sorted(s.dead_lettered_by_reason.items()):
-            dead.add_metric([reason], n)
-        yield dead
-        yield GaugeMetricFamily("shadow_scoring_tokens_per_second", "Scored tokens/s, last poll", value=s.tokens_per_s)
-        yield GaugeMetricFamily("shadow_scoring_waiting", "1 while retrying a dependency", value=bool(s.waiting_for))
-        if s.consumer_lag is not None:
-            yield GaugeMetricFamily("shadow_scoring_consumer_lag", "End - committed offsets", value=s.consumer_lag)
-
-
-# ---- pure step logic ------------------------------------------------------------------------------------------
-def triage(records: Sequence[ConsumerRecord], vocab_size: int
-           ) -> tuple[list[tuple[ConsumerRecord, TrajectoryV1]], list[tuple[ConsumerRecord, InvalidTrajectory]], int]:
-    """Split polled records into (good, poison, duplicates): a trajectory repeated within one poll is scored once."""
-    good, bad, seen, dups = [], [], set(), 0
-    for rec in records:
-        try:
-            traj = decode_trajectory(rec.value if rec.value is not None else b"")
-            check_vocab(traj, vocab_size)
-        except InvalidTrajectory as exc:
-            bad.append((rec, exc))
-            continue
-        if traj.trajectory_id in seen:
-            dups += 1
-            continue
-        seen.add(traj.trajectory_id)
-        good.append((rec, traj))
-    return good, bad, dups
-
-
-def next_offsets(records: Sequence[ConsumerRecord]) -> dict[TopicPartition, int]:
-    """The offset to commit per partition: one past the last record handled."""
-    out: dict[TopicPartition, int] = {}
-    for r in records:
-        tp = TopicPartition(r.topic, r.partition)
-        out[tp] = max(out.get(tp, 0), r.offset + 1)
-    return out
-
-
-def dead_letter_headers(rec: ConsumerRecord, exc: Exception) -> list[tuple[str, bytes]]:
-    """The original headers plus where the message came from and why it can never be scored."""
-    # A database error's own first line: not the SQL, and not its DETAIL line, which echoes the row (user text).
-    detail = (str(getattr(exc, "orig", None) or exc).splitlines() or [type(exc).__name__])[0]
-    return list(rec.headers or []) + [
-        ("x-error", detail[:1000].encode()),
-        ("x-error-type", type(exc).__name__.encode()),
-        ("x-source-topic", rec.topic.encode()),
-        ("x-source-partition", str(rec.partition).encode()),
-        ("x-source-offset", str(rec.offset).encode()),
-    ]
 
 
 def wait_at_startup(what: str, connect: Callable[[], T], config: ScoringConfig) -> T:
@@ -162,9 +107,9 @@ def wait_at_startup(what: str, connect: Callable[[], T], config: ScoringConfig) 
             delay = min(delay * 2, config.retry_max_s)
 
 
-# ---- the service ----------------------------------------------------------------------------------------------
 class ScoringService:
     def __init__(self, config: ScoringConfig, teacher: Teacher, store: FeatureStore):
+        check_tokenizer_match(config, teacher)
         self.config, self.teacher, self.store = config, teacher, store
         self._stats = ScoringStats()
         self._stop = threading.Event()
@@ -172,6 +117,12 @@ class ScoringService:
         self._producer: KafkaProducer | None = None
         self._metrics_server = None
         self._lag_at = 0.0
+        self._progress_at = float("-inf")  # monotonic time of the last progress write
+        # Keyset of the scoring backlog: every landed row of `_owned` at or before it is scored or refused, so the
+        # next backlog query starts there instead of scanning everything scored. Reset when ownership changes,
+        # lowered when an older trajectory lands.
+        self._cursor: Cursor | None = None
+        self._owned: frozenset[int] = frozenset()
 
     @classmethod
     def from_config(cls, config: ScoringConfig) -> ScoringService:
@@ -186,9 +137,11 @@ class ScoringService:
         self._consumer.subscribe([cfg.topic])
         if cfg.metrics_port is not None:
             registry = CollectorRegistry()
-            registry.register(_StatsCollector(self._stats))
+            registry.register(StatsCollector(self._stats))
             self._metrics_server, _ = start_http_server(cfg.metrics_port, cfg.metrics_host, registry)
-        log.info("scoring %s as group %s with teacher %s", cfg.topic, cfg.group_id, self.teacher.teacher_id)
+        log.info("scoring %s as group %s with teacher %s (tokenizer %s, temperature %g); storing top-%d: "
+                 "%d bytes per completion token", cfg.topic, cfg.group_id, self.teacher.teacher_id,
+                 self.teacher.tokenizer_fingerprint, self.teacher.temperature, cfg.topk, bytes_per_token(cfg.topk))
         return self
 
     def close(self) -> None:
@@ -215,7 +168,7 @@ class ScoringService:
         return asdict(self._stats)
 
     def run(self, stop_event: threading.Event | None = None) -> dict:
-        """Score until `stop_event` is set or SIGTERM/SIGINT arrives; the batch in hand is finished and committed."""
+        """Land and score until `stop_event` is set or SIGTERM/SIGINT arrives; the step in hand is finished."""
         self._stop = stop_event or threading.Event()
         restore = _handle_signals(self._stop)
         opened_here = self._consumer is None
@@ -226,7 +179,7 @@ class ScoringService:
                 try:
                     self.step()
                 except _Stopped:
-                    log.warning("stopped while waiting for %s; the uncommitted poll will be replayed",
+                    log.warning("stopped while waiting for %s; uncommitted work will be replayed",
                                 self._stats.waiting_for)
                     break
         finally:
@@ -235,76 +188,157 @@ class ScoringService:
             restore()
         return self.stats()
 
-    # ---- one poll -----------------------------------------------------------------------------------------------
+    # ---- one step ----------------------------------------------------------------------------------------------
     def step(self) -> int:
-        """Poll once, score, store, dead-letter, commit. Returns how many messages were handled."""
+        """Poll once and land it (offsets committed after), then score from the backlog. Returns the messages polled."""
         if self._consumer is None:
             raise RuntimeError("call open() (or use the service as a context manager) before step()")
         polled = self._consumer.poll(timeout_ms=self.config.poll_timeout_ms)
         records = [r for recs in polled.values() for r in recs]
-        if not records:
+        self._land(records)
+        self._score_backlog()
+        return len(records)
+
+    # ---- landing -------------------------------------------------------------------------------------------------
+    def _land(self, records: list[ConsumerRecord]) -> None:
+        """Land one poll with its progress, dead-letter what cannot be landed, then commit the offsets.
+
+        An empty poll still records progress (the partitions are caught up), at most every `idle_progress_s`."""
+        if not records and time.monotonic() - self._progress_at < self.config.idle_progress_s:
             self._refresh_lag()
-            return 0
-        good, bad, dups = triage(records, self.teacher.vocab_size)
-        started = time.monotonic()
-        results = self._retry("teacher", lambda: score_in_batches(
-            self.teacher, [t for _, t in good], self.config.batch_tokens, self.config.topk))
-        elapsed_s = time.monotonic() - started
-        scored = []
-        for (rec, traj), res in zip(good, results, strict=True):
-            if isinstance(res, InvalidTrajectory):
-                bad.append((rec, res))
-            else:
-                scored.append((rec, traj, res))
-        items, refused, new_rows = self._retry("database", lambda: self._ingest(scored))
+            return
+        decoded, bad, dups = decode_records(records)
+        progress = self._progress(records, decoded, capped=len(records) >= self.config.max_poll_records)
+        if not records and not progress:
+            self._refresh_lag()
+            return
+        items = list(zip((rec for rec, _ in decoded), logged(decoded), strict=True))
+        new_rows, kept, refused = self._retry("database", lambda: self._land_rows(items, progress))
         bad += refused
         self._retry("dead-letter topic", lambda: self._dead_letter(bad))
         self._commit(next_offsets(records))
-        self._account(items, bad, dups, new_rows, elapsed_s)
-        self._refresh_lag(force=True)
-        return len(records)
+        self._progress_at = time.monotonic()
+        self._account_landing(kept, new_rows, bad, dups)
+        self._lower_cursor(kept)
+        self._refresh_lag(force=bool(records))
 
-    def _ingest(self, scored: list[tuple[ConsumerRecord, TrajectoryV1, TeacherScores]]):
-        """One transaction for the whole poll. A row the database refuses (a NUL in a text on PostgreSQL, say;
-        not an outage) is found row by row and dead-lettered instead of failing the poll forever."""
-        items = [(t, s) for _, t, s in scored]
-        try:
-            return items, [], self.store.ingest_scored(items, self.teacher.teacher_id)
-        except REFUSED_BY_DATABASE as exc:
-            if len(scored) == 1:
-                return [], [(scored[0][0], exc)], 0
-        kept, refused, new_rows = [], [], 0
-        for rec, traj, scores in scored:
+    def _progress(self, records: list[ConsumerRecord], decoded, capped: bool) -> list[PartitionProgress]:
+        """This poll's per-partition progress (`landing.partition_progress`); end offsets are asked for only
+        after an uncapped poll, whose records drained the consumer's buffer."""
+        cfg, consumer = self.config, self._consumer
+        assigned = [tp for tp in consumer.assignment() if tp.topic == cfg.topic]
+        positions: dict[int, int] = {}
+        for tp in assigned:
             try:
-                new_rows += self.store.ingest_scored([(traj, scores)], self.teacher.teacher_id)
-                kept.append((traj, scores))
+                pos = consumer.position(tp, timeout_ms=cfg.poll_timeout_ms)
+            except (IllegalStateError, KafkaError):  # revoked meanwhile, or not fetched yet: no claim about it
+                continue
+            if pos is not None:
+                positions[tp.partition] = pos
+        ends, checked_at = None, None
+        if positions and not capped:
+            checked_at = datetime.now(UTC)  # before asking: everything appended before this is below the ends
+            try:
+                ends = {tp.partition: off for tp, off in consumer.end_offsets(assigned).items()}
+            except KafkaError as exc:  # a frozen broker: no "caught up" this time, landing goes on
+                log.debug("end offsets not measured: %s", exc)
+        total = len(consumer.partitions_for_topic(cfg.topic) or ())
+        return partition_progress(cfg.group_id, cfg.topic, records, decoded, positions, ends, checked_at, total)
+
+    def _land_rows(self, items: list[tuple[ConsumerRecord, LoggedTrajectory]], progress: list[PartitionProgress]):
+        """One transaction for the whole poll. A row the database refuses (a NUL in a text on PostgreSQL, an
+        operator's constraint; not an outage) is found row by row and dead-lettered instead of failing forever."""
+        try:
+            return self.store.land([lt for _, lt in items], progress), [lt for _, lt in items], []
+        except REFUSED_BY_DATABASE as exc:
+            if len(items) == 1:
+                return self.store.land([], progress), [], [(items[0][0], exc)]
+        kept, refused, new_rows = [], [], 0
+        for rec, lt in items:
+            try:
+                new_rows += self.store.land([lt])
+                kept.append(lt)
             except REFUSED_BY_DATABASE as exc:
                 refused.append((rec, exc))
-        return kept, refused, new_rows
+        self.store.land([], progress)
+        return new_rows, kept, refused
 
-    def _account(self, items, bad, dups: int, new_rows: int, elapsed_s: float) -> None:
+    def _lower_cursor(self, landed: Sequence[LoggedTrajectory]) -> None:
+        """A trajectory landed behind the backlog cursor (out of order, a spool replay) must still be scored."""
+        for lt in landed:
+            t = lt.trajectory
+            if self._cursor is not None and (t.created_at, t.trajectory_id) <= self._cursor:
+                self._cursor = (t.created_at, "")
+
+    def _account_landing(self, kept: Sequence[LoggedTrajectory], new_rows: int, bad, dups: int) -> None:
         s = self._stats
-        tokens = sum(len(t.completion_token_ids) for t, _ in items)
-        s.messages_scored += len(items)
-        s.rows_written += new_rows
-        s.tokens_scored += tokens
-        s.tokens_per_s = tokens / elapsed_s if elapsed_s > 0 else 0.0
+        s.landed += len(kept)
+        s.landed_new += new_rows
         s.duplicates_in_poll += dups
-        s.dead_lettered += len(bad)
+        self._count_dead(bad)
+
+    def _count_dead(self, dead: Sequence[tuple[object, Exception]]) -> None:
+        s = self._stats
+        s.dead_lettered += len(dead)
         by_reason = dict(s.dead_lettered_by_reason)
-        for _, exc in bad:
+        for _, exc in dead:
             by_reason[type(exc).__name__] = by_reason.get(type(exc).__name__, 0) + 1
         s.dead_lettered_by_reason = by_reason  # swapped, not mutated: the metrics thread may be reading it
 
-    def _dead_letter(self, bad: Sequence[tuple[ConsumerRecord, Exception]]) -> None:
-        """Send every poison message and wait for every ack: an unacked DLQ send must not let the offset move."""
-        futures = [self._producer.send(self.config.dlq_topic, key=rec.key, value=rec.value,
-                                       headers=dead_letter_headers(rec, exc)) for rec, exc in bad]
+    # ---- scoring ---------------------------------------------------------------------------------------------------
+    def _score_backlog(self) -> None:
+        """Score the oldest landed-but-unscored trajectories of the owned partitions, up to the token budget."""
+        owned = frozenset(tp.partition for tp in self._consumer.assignment() if tp.topic == self.config.topic)
+        if owned != self._owned:
+            self._owned, self._cursor = owned, None
+        if not owned:
+            return
+        cfg = self.config
+        page = self._retry("database", lambda: self.store.pending(self.teacher.teacher_id, owned, after=self._cursor,
+                                                                  limit=cfg.max_poll_records))
+        page = page[:within_budget(page_lengths([lt.trajectory for lt in page]), cfg.score_tokens_per_step)]
+        if not page:
+            return
+        trajs = [lt.trajectory for lt in page]
+        outcome = self._retry("teacher", lambda: score_page(self.teacher, trajs, cfg.batch_tokens, cfg.topk))
+        refused = [(page[i], exc) for i, exc in outcome.rejected]
+        self._retry("dead-letter topic", lambda: self._dead_letter_refusals(refused))
+        written = self._retry("database", lambda: write_page(self.store, self.teacher, trajs, outcome))
+        self._cursor = (trajs[-1].created_at, trajs[-1].trajectory_id)
+        self._account_scoring(outcome, written, refused)
+
+    def _account_scoring(self, outcome: PageOutcome, written: ScoresWritten, refused) -> None:
+        s = self._stats
+        s.messages_scored += len(outcome.scored)
+        s.rows_written += written.new_scores
+        s.rejected += len(refused)
+        s.tokens_scored += written.tokens
+        s.score_bytes_written += written.payload_bytes
+        if s.tokens_scored:
+            s.stored_bytes_per_token = s.score_bytes_written / s.tokens_scored
+        s.tokens_per_s = written.tokens / outcome.seconds if outcome.seconds > 0 else 0.0
+        self._count_dead(refused)
+
+    # ---- dead letters, commits, retries ------------------------------------------------------------------------
+    def _send(self, letters: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]) -> None:
+        """Send and wait for every ack: an unacked dead letter must not let an offset or a refusal move on."""
+        futures = [self._producer.send(self.config.dlq_topic, key=k, value=v, headers=h) for k, v, h in letters]
         self._producer.flush()
         for f in futures:
             f.get(timeout=30)
+
+    def _dead_letter(self, bad: Sequence[tuple[ConsumerRecord, Exception]]) -> None:
+        self._send([(rec.key, rec.value, dead_letter_headers(rec, exc)) for rec, exc in bad])
         for rec, exc in bad:
             log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, exc)
+
+    def _dead_letter_refusals(self, refused: Sequence[tuple[LoggedTrajectory, Exception]]) -> None:
+        """A refused trajectory goes to the DLQ as its stored row re-serialized (the original bytes are gone)."""
+        teacher_id, topic = self.teacher.teacher_id, self.config.topic
+        self._send([(lt.trajectory.key, lt.trajectory.to_bytes(), rejection_headers(lt, topic, teacher_id, exc))
+                    for lt, exc in refused])
+        for lt, exc in refused:
+            log.warning("teacher %s refused %s; dead-lettered: %s", teacher_id, lt.trajectory.trajectory_id, exc)
 
     def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         # A partition lost in a rebalance during a long retry belongs to another scorer now: it replays those
@@ -383,32 +417,3 @@ def _handle_signals(stop: threading.Event) -> Callable[[], None]:
             signal.signal(sig, handler)
 
     return restore
-
-
-# ---- backfill -------------------------------------------------------------------------------------------------
-@dataclass
-class BackfillReport:
-    teacher_id: str
-    seen: int = 0  # unscored trajectories found in the window
-    rows_written: int = 0
-    rejected_ids: list[str] = field(default_factory=list)  # the teacher could not score these
-
-
-def backfill(store: FeatureStore, teacher: Teacher, since: datetime | None, until: datetime | None,
-             batch_tokens: int, *, topk: int = 0, page_size: int = 256) -> BackfillReport:
-    """Score the stored trajectories of [since, until) that `teacher` has not scored yet (idempotent, resumable).
-
-    Each page commits in one transaction; stopping halfway and running again picks up what is left.
-    """
-    report = BackfillReport(teacher.teacher_id)
-    after: tuple[datetime, str] | None = None
-    while page := store.unscored(teacher.teacher_id, since, until, after=after, limit=page_size):
-        results = score_in_batches(teacher, page, batch_tokens, topk)
-        items = [(t, r) for t, r in zip(page, results, strict=True) if not isinstance(r, InvalidTrajectory)]
-        report.rejected_ids += [t.trajectory_id for t, r in zip(page, results, strict=True)
-                                if isinstance(r, InvalidTrajectory)]
-        report.seen += len(page)
-        report.rows_written += store.ingest_scored(items, teacher.teacher_id)
-        after = (page[-1].created_at, page[-1].trajectory_id)
-        log.info("backfill %s: %d seen, %d written", teacher.teacher_id, report.seen, report.rows_written)
-    return report

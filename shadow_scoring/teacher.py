@@ -5,8 +5,13 @@ text, so the teacher sees exactly the states the student visited. Completion tok
 distribution at position P - 1 + j (`model_runtime.logprobs` is the one place that aligns positions).
 
     teacher = EmbeddedTeacher("~/.cache/shadow-distill/models/teacher")          # in-process, one pass/batch
-    teacher = OpenAITeacher("http://vllm:8000", "smollm2-135m-instruct", vocab_size=49152)
+    teacher = OpenAITeacher("http://vllm:8000", "smollm2-135m-instruct", vocab_size=49152,
+                            tokenizer_dir="/models/teacher")
     results = score_in_batches(teacher, trajectories, batch_tokens=8192, topk=20)
+
+Every teacher carries `tokenizer_fingerprint` (`model_runtime.tokenizers`) and the `temperature` it scores
+under; the scorer stamps both on every score row and, at start-up, refuses a teacher whose fingerprint differs
+from the student's (`check_tokenizer_match`): the same vocabulary size is not the same vocabulary.
 
 Wire format assumed for `OpenAITeacher` (vLLM's OpenAI-compatible server, `vllm/entrypoints/openai/protocol.py`):
 request `POST {base}/v1/completions` with `{"model": M, "prompt": [[ids...], ...], "max_tokens": 1,
@@ -39,6 +44,8 @@ class Teacher(Protocol):
 
     teacher_id: str
     vocab_size: int
+    tokenizer_fingerprint: str | None  # None: unknown (stored as such; the trainer will not trust it)
+    temperature: float
 
     def score(self, batch: list[TrajectoryV1], topk: int = 0) -> list[TeacherScores]: ...
 
@@ -111,11 +118,13 @@ class EmbeddedTeacher:
 
     def __init__(self, model_dir: str | Path, device: str = "auto", temperature: float = 1.0):
         from model_runtime.models import ModelMeta, load_model, pick_device
+        from model_runtime.tokenizers import folder_fingerprint
 
         if not temperature > 0:
             raise ConfigError(f"teacher temperature {temperature} must be > 0")
         self.model_dir = Path(model_dir).expanduser()
         meta = ModelMeta.read(self.model_dir)
+        self.tokenizer_fingerprint = folder_fingerprint(self.model_dir)
         self.model = load_model(self.model_dir, pick_device(device))
         self.temperature = temperature
         self.teacher_id = meta.model_id if temperature == 1.0 else f"{meta.model_id}@t{temperature:g}"
@@ -177,17 +186,25 @@ class OpenAITeacher:
     """A teacher behind an OpenAI-compatible server that implements vLLM's `prompt_logprobs` (e.g. `vllm serve`).
 
     `model` is the served model name; it is also the `teacher_id` scores are stored under unless
-    `teacher_id` is given, so serve the teacher under its `ModelMeta.model_id`. The server does not report its
-    vocabulary size, hence `vocab_size`. Transport failures, 408, 429 and 5xx raise `TeacherUnavailable` (a `ConnectionError`) (retry
-    later); 400/413/422 raise `InvalidTrajectory` (this batch cannot be scored); other refusals `ConfigError`.
+    `teacher_id` is given, so serve the teacher under its `ModelMeta.model_id`. The server reports neither its
+    vocabulary size nor its tokenizer, hence `vocab_size` and `tokenizer_dir` (a local copy of the served
+    model's tokenizer, fingerprinted here). vLLM's prompt_logprobs are the raw distribution: temperature 1.
+    Transport failures, 408, 429 and 5xx raise `TeacherUnavailable` (a `ConnectionError`) (retry later);
+    400/413/422 raise `InvalidTrajectory` (this batch cannot be scored); other refusals `ConfigError`.
     """
 
+    temperature = 1.0
+
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *, vocab_size: int,
-                 timeout_s: float = 120.0, teacher_id: str | None = None):
+                 timeout_s: float = 120.0, teacher_id: str | None = None, tokenizer_dir: str | Path | None = None):
         import httpx
+
+        from model_runtime.tokenizers import folder_fingerprint
 
         if vocab_size < 1:
             raise ConfigError(f"vocab_size {vocab_size} must be >= 1")
+        self.tokenizer_dir = None if tokenizer_dir is None else Path(tokenizer_dir).expanduser()
+        self.tokenizer_fingerprint = None if self.tokenizer_dir is None else folder_fingerprint(self.tokenizer_dir)
         root = base_url.rstrip("/")
         self.base_url = root[: -len("/v1")] if root.endswith("/v1") else root
         self.model = model
@@ -248,11 +265,39 @@ class OpenAITeacher:
         self._client.close()
 
 
+def teacher_folder(teacher: Teacher) -> str:
+    """Where a teacher's tokenizer was read from, for messages."""
+    folder = getattr(teacher, "model_dir", None) or getattr(teacher, "tokenizer_dir", None)
+    return str(folder) if folder is not None else "(unknown folder)"
+
+
+def check_tokenizer_match(config: ScoringConfig, teacher: Teacher) -> None:
+    """Refuse a teacher whose tokenizer is not the student's: its scores would be logprobs of other tokens.
+
+    Nothing is checked when `config.student_tokenizer` is unset (the scores still record the teacher's
+    fingerprint, so a trainer can refuse them later)."""
+    if config.student_tokenizer is None:
+        return
+    from model_runtime.tokenizers import folder_fingerprint
+
+    student_fp = folder_fingerprint(config.student_tokenizer)
+    if teacher.tokenizer_fingerprint != student_fp:
+        raise ConfigError(
+            f"teacher {teacher.teacher_id!r} (tokenizer {teacher_folder(teacher)}, fingerprint "
+            f"{teacher.tokenizer_fingerprint}) does not share the student's tokenizer ({config.student_tokenizer}, "
+            f"fingerprint {student_fp}): its logprobs would score other tokens than the student produced")
+
+
 def build_teacher(config: ScoringConfig) -> Teacher:
-    """The teacher a `ScoringConfig` names: a server URL gives `OpenAITeacher` (probed), a folder `EmbeddedTeacher`."""
+    """The teacher a `ScoringConfig` names: a server URL gives `OpenAITeacher` (probed), a folder `EmbeddedTeacher`;
+    either is refused unless its tokenizer is the student's (`check_tokenizer_match`)."""
     if config.teacher_is_http:
-        teacher = OpenAITeacher(config.teacher, config.teacher_model or "", config.teacher_api_key,
-                                vocab_size=config.teacher_vocab_size or 0, timeout_s=config.teacher_timeout_s)
+        teacher: Teacher = OpenAITeacher(
+            config.teacher, config.teacher_model or "", config.teacher_api_key, vocab_size=config.teacher_vocab_size or 0,
+            timeout_s=config.teacher_timeout_s, tokenizer_dir=config.teacher_tokenizer)
+        check_tokenizer_match(config, teacher)
         teacher.probe(config.topk)
         return teacher
-    return EmbeddedTeacher(config.teacher, device=config.device, temperature=config.temperature)
+    teacher = EmbeddedTeacher(config.teacher, device=config.device, temperature=config.temperature)
+    check_tokenizer_match(config, teacher)
+    return teacher

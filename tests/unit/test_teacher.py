@@ -281,3 +281,116 @@ def test_dead_letter_headers_name_an_error_without_a_message():
 
     assert dict(dead_letter_headers(_record(), Silent("outer")))["x-error"] == b"Silent"
     assert dict(dead_letter_headers(_record(), ValueError()))["x-error"] == b"ValueError"
+
+
+# ---- top-k by default -----------------------------------------------------------------------------------------
+OK = dict(bootstrap_servers="127.0.0.1:9092", store_url="sqlite:///x.db", teacher="/models/teacher")
+
+
+def test_topk_is_on_by_default_at_20():
+    assert ScoringConfig(**OK).topk == 20
+
+
+def test_topk_zero_turns_it_off():
+    assert ScoringConfig(**OK, topk=0).topk == 0
+
+
+def test_a_score_costs_4_bytes_plus_8_per_topk_entry_per_token():
+    from shadow_scoring.scoring import bytes_per_token
+
+    assert (bytes_per_token(0), bytes_per_token(20)) == (4, 164)
+
+
+def test_parse_prompt_logprobs_reads_top20_with_the_prompt_token_outside_it():
+    """vLLM sends k + 1 entries when the prompt's token is not among the top k (here rank 25)."""
+    top = {str(100 + r): {"logprob": -0.1 * r, "rank": r} for r in range(1, 21)}
+    entries = [None, {**top, "7": {"logprob": -9.0, "rank": 25}}]
+    s = parse_prompt_logprobs(entries, [3], [7], topk=20)
+    assert s.topk_ids_CK.tolist() == [[100 + r for r in range(1, 21)]]
+    np.testing.assert_allclose(s.teacher_logprobs_C, [-9.0])
+
+
+def test_parse_prompt_logprobs_reads_top20_with_the_prompt_token_inside_it():
+    top = {str(100 + r): {"logprob": -0.1 * r, "rank": r} for r in range(1, 21)}
+    s = parse_prompt_logprobs([None, top], [3], [105], topk=20)
+    np.testing.assert_allclose(s.teacher_logprobs_C, [-0.5])
+    np.testing.assert_allclose(s.topk_logprobs_CK[0], [-0.1 * r for r in range(1, 21)], rtol=1e-6)
+
+
+def test_openai_teacher_asks_for_and_returns_top20(teacher, vllm_server):
+    url, state = vllm_server
+    remote = OpenAITeacher(url, "tiny-teacher", vocab_size=teacher.vocab_size)
+    state["requests"].clear()
+    got = remote.score(BATCH[:2], topk=20)
+    want = teacher.score(BATCH[:2], topk=20)
+    assert state["requests"][0]["prompt_logprobs"] == 20
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.topk_ids_CK, w.topk_ids_CK)
+    remote.close()
+
+
+# ---- tokenizers: teacher and student must share one -----------------------------------------------------------
+def folder_fingerprint(folder) -> str:
+    from model_runtime.tokenizers import folder_fingerprint
+
+    return folder_fingerprint(folder)
+
+
+def test_an_http_teacher_needs_its_tokenizer_folder():
+    with pytest.raises(ValueError, match="teacher_tokenizer"):
+        ScoringConfig(**{**OK, "teacher": "http://vllm:8000"}, teacher_model="m", teacher_vocab_size=10)
+
+
+def test_an_embedded_teacher_carries_its_tokenizer_fingerprint_and_temperature(tiny_models, teacher):
+    assert (teacher.tokenizer_fingerprint, teacher.temperature) == (folder_fingerprint(tiny_models[0]), 1.0)
+
+
+def test_an_http_teacher_fingerprints_its_configured_tokenizer_folder(tiny_models, vllm_server):
+    remote = OpenAITeacher(vllm_server[0], "tiny-teacher", vocab_size=10, tokenizer_dir=tiny_models[0])
+    assert (remote.tokenizer_fingerprint, remote.temperature) == (folder_fingerprint(tiny_models[0]), 1.0)
+    remote.close()
+
+
+@pytest.fixture(scope="module")
+def permuted_teacher_dir(tiny_models, tmp_path_factory):
+    """The tiny teacher with its ordinary token ids reversed in tokenizer.json: same vocabulary size (so the
+    old `max id < vocab_size` check passes), other tokens per id."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("permuted") / "teacher"
+    shutil.copytree(tiny_models[0], folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    added = {t["content"] for t in data["added_tokens"]}
+    vocab = data["model"]["vocab"]
+    plain = sorted(i for t, i in vocab.items() if t not in added)
+    flip = dict(zip(plain, reversed(plain), strict=True))
+    data["model"]["vocab"] = {t: flip.get(i, i) for t, i in vocab.items()}
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    return folder
+
+
+def _scorer_config(tmp_path, teacher_dir, student_dir) -> ScoringConfig:
+    return ScoringConfig(bootstrap_servers="127.0.0.1:1", store_url=f"sqlite:///{tmp_path / 's.db'}",
+                         teacher=str(teacher_dir), device="cpu", student_tokenizer=str(student_dir))
+
+
+def test_a_teacher_with_a_permuted_vocabulary_is_refused_at_startup(tiny_models, permuted_teacher_dir, tmp_path):
+    from shadow_scoring.consumer import ScoringService
+
+    cfg = _scorer_config(tmp_path, permuted_teacher_dir, tiny_models[1])
+    with pytest.raises(ConfigError) as refused:
+        ScoringService.from_config(cfg)
+    message = str(refused.value)
+    assert folder_fingerprint(permuted_teacher_dir) != folder_fingerprint(tiny_models[1])
+    assert folder_fingerprint(permuted_teacher_dir) in message
+    assert folder_fingerprint(tiny_models[1]) in message
+    assert str(permuted_teacher_dir) in message
+    assert str(tiny_models[1]) in message
+
+
+def test_a_teacher_with_the_students_tokenizer_is_accepted_at_startup(tiny_models, tmp_path):
+    from shadow_scoring.consumer import ScoringService
+
+    service = ScoringService.from_config(_scorer_config(tmp_path, tiny_models[0], tiny_models[1]))
+    assert service.teacher.tokenizer_fingerprint == folder_fingerprint(tiny_models[1])
