@@ -638,7 +638,7 @@ def run(cfg: BenchConfig) -> dict:
                                             train={"max_steps": 30, "checkpoint_every": 2, "batch_size": 2})
             serving = stack.start_serving(sup, student_dir, bootstrap, mlflow_uri,
                                           NightlyConfig.from_json_file(cfg_path).registered_model(), API_KEY)
-            stack.start_scorer(sup, bootstrap, db_url(db, proxy.port), teacher_dir)
+            stack.start_scorer(sup, bootstrap, db_url(db, proxy.port), teacher_dir, student_dir)
             tap = Tap(bootstrap, [s.encode() for s in secrets]).start()
             faults = Faults(sup, bootstrap, serving, proxy, tap, engine, cfg)
             watchdog = Watchdog(sup, faults.lock)

@@ -183,9 +183,14 @@ def start_serving(sup: Supervisor, student_dir: Path, bootstrap: str, mlflow_uri
     return f"http://127.0.0.1:{port}"
 
 
-def start_scorer(sup: Supervisor, bootstrap: str, store_url: str, teacher_dir: Path) -> None:
+def start_scorer(sup: Supervisor, bootstrap: str, store_url: str, teacher_dir: Path,
+                 student_dir: Path | None = None) -> None:
+    """The scorer on the teacher folder, storing the teacher's top-k (the config's default, 20). With
+    `student_dir` it is told the student's tokenizer and refuses a teacher that does not share it."""
     cmd = [str(BIN / "shadow-distill"), "score", "run", "--bootstrap-servers", bootstrap, "--store-url", store_url,
            "--teacher", str(teacher_dir), "--session-timeout-ms", "6000", "--batch-tokens", "4096"]
+    if student_dir is not None:
+        cmd += ["--student-tokenizer", str(student_dir)]
     sup.start("scorer", cmd, env={"OMP_NUM_THREADS": "1"})
 
 
@@ -225,7 +230,7 @@ def cmd_up(args) -> None:
         model_name = NightlyConfig.from_json_file(cfg_path).registered_model()
         key = os.environ.get("SHADOW_DISTILL_API_KEY", "sk-local-" + os.urandom(8).hex())
         serving = start_serving(sup, student_dir, bootstrap, mlflow_uri, model_name, key)
-        start_scorer(sup, bootstrap, store_url, teacher_dir)
+        start_scorer(sup, bootstrap, store_url, teacher_dir, student_dir)
         airflow = start_airflow(sup, Path(__file__).resolve().parents[1] / "dags", cfg_path)
     except Exception:
         sup.stop_all()
