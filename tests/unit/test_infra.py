@@ -1,12 +1,17 @@
-"""Lint of the production manifests (no Docker engine runs in CI): structure, secrets, Kafka durability, and
-every `shadow-distill ...` command parsed by the project's own CLI parser and validated by its config model
-(the compose file's and docs/runbook.md's).
+"""Lint of the production manifests (no Docker engine runs in CI): the compose file validated against the Compose
+Specification's JSON Schema (vendored in infra/schemas/), structure, secrets, Kafka durability, GPU sharing,
+MLflow's basic auth, and every `shadow-distill ...` command parsed by the project's own CLI parser and validated
+by its config model (the compose file's and docs/runbook.md's). The Kubernetes manifests: test_k8s.py; the
+image: test_dockerfile.py.
 
     .venv/bin/python -m pytest tests/unit/test_infra.py -q
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -18,6 +23,9 @@ from schemas.trajectory import DEAD_LETTER_TOPIC, DEFAULT_TOPIC
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 COMPOSE = INFRA / "docker-compose.yml"
 ENV_EXAMPLE = INFRA / ".env.example"
+MULTI_GPU_ENV = INFRA / "multi-gpu.env"
+COMPOSE_SCHEMA = INFRA / "schemas" / "compose-spec" / "compose-spec.json"
+PROJECT_IMAGE = "${SHADOW_DISTILL_IMAGE}"
 VAR = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
 SECRET_NAME = re.compile(r"(^|_)(PASSWORD|SECRET|TOKEN|FERNET|API_KEY|SALT)(_|$)", re.I)
 SECRET_FLAGS = {"--api-key", "--vllm-api-key", "--teacher-api-key"}
@@ -35,15 +43,25 @@ def services(compose) -> dict[str, dict]:
     return compose["services"]
 
 
-@pytest.fixture(scope="module")
-def env_example() -> dict[str, str]:
+def read_env(path: Path) -> dict[str, str]:
     out = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             name, sep, value = line.partition("=")
-            assert sep, f".env.example line without '=': {line!r}"
+            assert sep, f"{path.name} line without '=': {line!r}"
             out[name.strip()] = value.strip()
     return out
+
+
+@pytest.fixture(scope="module")
+def env_example() -> dict[str, str]:
+    return read_env(ENV_EXAMPLE)
+
+
+@pytest.fixture(scope="module", params=["one-gpu", "multi-gpu"])
+def env_profile(request, env_example) -> dict[str, str]:
+    """The settings compose sees: .env.example alone (one GPU), or with infra/multi-gpu.env after it."""
+    return env_example if request.param == "one-gpu" else {**env_example, **read_env(MULTI_GPU_ENV)}
 
 
 def interpolate(text: str, env: dict[str, str]) -> str:
@@ -274,3 +292,212 @@ def test_every_shadow_distill_command_in_the_runbook_parses():
     assert {c[1] for c in commands} >= {"promote", "score", "store", "nightly", "stack"}
     for argv in commands:
         _parse("runbook", argv[1:])
+
+
+# ---- the Compose Specification --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compose_validator():
+    import jsonschema
+
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def test_the_vendored_schema_is_the_compose_specification():
+    assert json.loads(COMPOSE_SCHEMA.read_text())["title"] == "Compose Specification"
+
+
+def test_the_vendored_schema_knows_top_level_name():
+    assert "name" in json.loads(COMPOSE_SCHEMA.read_text())["properties"]
+
+
+def test_the_vendored_schema_knows_device_reservations_by_id():
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    defs = schema.get("$defs") or schema["definitions"]
+    assert "device_ids" in defs["devices"]["items"]["properties"]
+
+
+def test_the_vendored_schema_is_the_file_its_source_note_names():
+    note = (COMPOSE_SCHEMA.parent / "SOURCE.md").read_text()
+    assert hashlib.sha256(COMPOSE_SCHEMA.read_bytes()).hexdigest() in note
+
+
+def test_the_vendored_schema_carries_its_apache_licence():
+    assert "Apache License" in (COMPOSE_SCHEMA.parent / "LICENSE").read_text()
+
+
+def test_the_compose_file_is_valid_against_the_compose_specification(compose_validator, env_profile):
+    document = yaml.safe_load(interpolate(COMPOSE.read_text(), env_profile))
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in compose_validator.iter_errors(document)]
+    assert not errors
+
+
+def test_the_schema_rejects_a_misspelt_key(compose_validator, env_example):
+    document = yaml.safe_load(interpolate(COMPOSE.read_text(), env_example))
+    document["services"]["serving"]["comand"] = document["services"]["serving"].pop("command")
+    assert list(compose_validator.iter_errors(document))
+
+
+# ---- the project image ------------------------------------------------------------------------------------------
+def project_services(services) -> dict[str, dict]:
+    return {n: s for n, s in services.items() if s.get("image") == PROJECT_IMAGE}
+
+
+def test_the_project_image_serves_the_platform(services):
+    assert {"serving", "scorer", "mlflow", "airflow-scheduler", "feature-store-migrate"} <= set(project_services(services))
+
+
+def test_every_project_service_builds_the_image_from_the_dockerfile(services):
+    for name, svc in project_services(services).items():
+        build = svc["build"]
+        assert (INFRA / build["context"] / build["dockerfile"]).resolve() == (INFRA / "Dockerfile").resolve(), name
+
+
+def test_the_build_context_is_the_repository_root(services):
+    assert {(INFRA / s["build"]["context"]).resolve() for s in project_services(services).values()} == \
+        {INFRA.parent.resolve()}
+
+
+def test_the_image_variant_comes_from_the_environment(services):
+    assert {s["build"]["args"]["VARIANT"] for s in project_services(services).values()} == \
+        {"${SHADOW_DISTILL_IMAGE_VARIANT}"}
+
+
+def test_the_example_variant_is_one_the_dockerfile_builds(env_example):
+    assert f"{env_example['SHADOW_DISTILL_IMAGE_VARIANT']})" in (INFRA / "Dockerfile").read_text()
+
+
+# ---- GPUs ---------------------------------------------------------------------------------------------------------
+def gpu_reservations(services) -> dict[str, dict]:
+    out = {}
+    for name, svc in services.items():
+        for device in svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", []):
+            if "gpu" in device.get("capabilities", []):
+                out[name] = device
+    return out
+
+
+def flag_value(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_the_gpu_services_are_both_vllm_servers_and_the_trainer(services):
+    assert set(gpu_reservations(services)) == {"vllm-student", "vllm-teacher", "airflow-scheduler"}
+
+
+def test_every_gpu_reservation_pins_its_device_from_the_environment(services):
+    for name, device in gpu_reservations(services).items():
+        assert [WHOLE_REF.match(d) is not None for d in device["device_ids"]] == [True], name
+
+
+def test_no_gpu_reservation_also_counts_devices(services):
+    assert [n for n, d in gpu_reservations(services).items() if "count" in d] == []
+
+
+def test_each_vllm_takes_a_memory_fraction_from_the_environment(services):
+    for name in ("vllm-student", "vllm-teacher"):
+        assert WHOLE_REF.match(flag_value(command_argv(services[name]), "--gpu-memory-utilization")), name
+
+
+def gpu_budget(services, env: dict[str, str]) -> dict[str, float]:
+    """device id -> the fraction of its memory the services pinned to it may take."""
+    budget: dict[str, float] = {}
+    for name, device in gpu_reservations(services).items():
+        device_id = interpolate(device["device_ids"][0], env)
+        if name == "airflow-scheduler":
+            share = interpolate(services[name]["labels"]["io.shadow-distill.gpu-memory-headroom"], env)
+        else:
+            share = interpolate(flag_value(command_argv(services[name]), "--gpu-memory-utilization"), env)
+        budget[device_id] = budget.get(device_id, 0.0) + float(share)
+    return budget
+
+
+def test_gpu_memory_on_every_device_adds_up_to_less_than_one(services, env_profile):
+    over = {d: round(total, 3) for d, total in gpu_budget(services, env_profile).items() if total >= 1.0}
+    assert not over, f"GPU memory over-committed per device: {over}"
+
+
+def test_the_one_gpu_default_puts_everything_on_device_zero(services, env_example):
+    assert set(gpu_budget(services, env_example)) == {"0"}
+
+
+def test_the_multi_gpu_profile_gives_each_gpu_service_its_own_device(services, env_example):
+    assert len(gpu_budget(services, {**env_example, **read_env(MULTI_GPU_ENV)})) == 3
+
+
+def test_the_multi_gpu_profile_only_overrides_known_variables(env_example):
+    assert set(read_env(MULTI_GPU_ENV)) <= set(env_example)
+
+
+def test_the_teacher_starts_after_the_student_has_taken_its_share(services):
+    assert services["vllm-teacher"]["depends_on"]["vllm-student"]["condition"] == "service_healthy"
+
+
+# ---- MLflow basic auth --------------------------------------------------------------------------------------------
+def load_users_module():
+    spec = importlib.util.spec_from_file_location("mlflow_users", INFRA / "mlflow" / "users.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mlflow_runs_the_basic_auth_launcher_of_the_image(services):
+    assert command_argv(services["mlflow"])[0] == "/opt/shadow-distill/mlflow/serve.sh"
+
+
+def test_the_image_carries_the_launcher_where_compose_runs_it():
+    assert "COPY --chown=50000:0 infra/mlflow/ /opt/shadow-distill/mlflow/" in (INFRA / "Dockerfile").read_text()
+
+
+def test_mlflow_gets_every_setting_its_launcher_requires(services):
+    required = set(re.findall(r': "\$\{([A-Z_]+):\?', (INFRA / "mlflow" / "serve.sh").read_text()))
+    assert required <= set(env_items(services["mlflow"])), sorted(required - set(env_items(services["mlflow"])))
+
+
+def test_the_auth_database_is_a_database_postgres_init_creates(services):
+    uri = env_items(services["mlflow"])["MLFLOW_AUTH_DATABASE_URI"]
+    assert uri.rsplit("/", 1)[1] in " ".join(command_argv(services["postgres-init"]))
+
+
+def test_the_users_job_runs_the_users_script_of_the_image(services):
+    assert command_argv(services["mlflow-users"])[:2] == ["python", "/opt/shadow-distill/mlflow/users.py"]
+
+
+def test_the_users_job_parses_with_its_own_parser(services, env_example):
+    argv = [interpolate(a, env_example) for a in command_argv(services["mlflow-users"])]
+    args = load_users_module().build_parser().parse_args(argv[2:])
+    serving = [interpolate(a, env_example) for a in command_argv(services["serving"])]
+    assert args.model_name == flag_value(serving, "--registry-model-name")
+
+
+def test_the_users_job_reads_the_reviewers_from_its_secret(services):
+    argv = command_argv(services["mlflow-users"])
+    assert flag_value(argv, "--reviewers-file") == f"/run/secrets/{services['mlflow-users']['secrets'][0]}"
+
+
+def test_the_users_job_runs_after_mlflow_is_healthy(services):
+    assert services["mlflow-users"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
+
+
+def mlflow_logins(services) -> dict[str, str]:
+    """service -> the ${VAR} it logs in to MLflow with."""
+    return {n: env_items(s)["MLFLOW_TRACKING_USERNAME"] for n, s in services.items()
+            if "MLFLOW_TRACKING_USERNAME" in env_items(s)}
+
+
+def test_the_dag_tasks_log_in_as_the_pipeline_user(services):
+    assert mlflow_logins(services)["airflow-scheduler"] == "${MLFLOW_PIPELINE_USERNAME}"
+
+
+def test_serving_logs_in_as_the_read_only_serving_user(services):
+    assert mlflow_logins(services)["serving"] == "${MLFLOW_SERVING_USERNAME}"
+
+
+def test_only_the_users_job_logs_in_as_the_admin(services):
+    assert [n for n, user in mlflow_logins(services).items() if user == "${MLFLOW_ADMIN_USERNAME}"] == ["mlflow-users"]
+
+
+def test_the_nightly_experiment_is_the_nightly_configs_default(env_example):
+    from nightly_train.config import NightlyConfig
+
+    assert NightlyConfig.model_fields["experiment"].default == env_example["MLFLOW_NIGHTLY_EXPERIMENT"]
