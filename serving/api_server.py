@@ -36,11 +36,12 @@ from serving.middleware import ServingMiddleware
 from serving.routes import EXCEPTION_HANDLERS, router
 from serving.serving_chat import OpenAIServingChat
 from serving.serving_completion import OpenAIServingCompletion
-from serving.trajectories import TrajectorySink
+from serving.limits import RateLimiter
+from serving.privacy import Withholder, resolve_caller_salt
+from serving.trajectories import TrajectoryLog, TrajectorySink
 from foundation.errors import ConfigError
 
 log = logging.getLogger(__name__)
-DEFAULT_SALT = "shadow-distill-default-salt"
 
 
 def key_store(config: ServingConfig) -> KeyStore:
@@ -49,15 +50,6 @@ def key_store(config: ServingConfig) -> KeyStore:
     if config.api_key is not None:
         return KeyStore.single(config.api_key)
     return KeyStore.open()
-
-
-def caller_salt_or_default(config: ServingConfig, caller_salt: str | None) -> str:
-    """The salt of caller hashes: given, else from `$caller_salt_env`, else a public default (warned)."""
-    salt = caller_salt if caller_salt is not None else os.environ.get(config.caller_salt_env)
-    if not salt:
-        log.warning("$%s is unset: caller hashes use a public default salt", config.caller_salt_env)
-        salt = DEFAULT_SALT
-    return salt
 
 
 def wire_metrics(metrics: ServingMetrics, engine: Engine, sink: TrajectorySink | None,
@@ -77,7 +69,8 @@ def build_app(config: ServingConfig, engine: Engine, *, sink: TrajectorySink | N
               keys: KeyStore | None = None, admin_token: str | None = None, caller_salt: str | None = None,
               metrics: ServingMetrics | None = None, watcher: AdapterWatcher | None = None,
               on_shutdown: Sequence[Callable[[], None]] = ()) -> FastAPI:
-    """The app over a running engine. Secrets default to the environment variables named in `config`.
+    """The app over a running engine. Secrets default to the environment variables named in `config`; the caller
+    salt to `serving.privacy.resolve_caller_salt(config)` (a `ConfigError` when none can be had).
 
     `on_shutdown` runs, in order, when the server stops (inside uvicorn's graceful shutdown, which is the
     last code that runs on SIGTERM: uvicorn re-raises the signal afterwards).
@@ -86,10 +79,17 @@ def build_app(config: ServingConfig, engine: Engine, *, sink: TrajectorySink | N
     admin = AdminToken(admin_token if admin_token is not None else os.environ.get(config.admin_token_env))
     if keys.is_open:
         log.warning("no API key configured: /v1 is open to anyone who can reach %s:%s", config.host, config.port)
-    salt = caller_salt_or_default(config, caller_salt)
+    metrics = wire_metrics(metrics or ServingMetrics(), engine, sink, watcher)
+    trajectories = None
     if sink is None:
         log.info("shadow log disabled")
-    metrics = wire_metrics(metrics or ServingMetrics(), engine, sink, watcher)
+    else:
+        withholder = Withholder(config.redact_patterns, on_withheld=metrics.on_withheld)
+        metrics.declare_patterns(list(config.redact_patterns))
+        salt = caller_salt if caller_salt is not None else resolve_caller_salt(config)
+        trajectories = TrajectoryLog(sink, engine.tokenizer, engine.base_model_id, salt, log_texts=config.log_texts,
+                                     eos_ids=engine.eos_ids, withholder=withholder)
+    limiter = RateLimiter(config.rate_limit_replicas)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -101,8 +101,8 @@ def build_app(config: ServingConfig, engine: Engine, *, sink: TrajectorySink | N
                   lifespan=lifespan)
     state = app.state  # what the handlers of serving.routes read
     state.engine, state.config, state.metrics, state.keys, state.admin = engine, config, metrics, keys, admin
-    state.chat = OpenAIServingChat(engine, config, sink, salt)
-    state.completion = OpenAIServingCompletion(engine, config, sink, salt)
+    state.chat = OpenAIServingChat(engine, config, trajectories, limiter)
+    state.completion = OpenAIServingCompletion(engine, config, trajectories, limiter)
     app.add_middleware(ServingMiddleware, max_body_bytes=config.max_body_bytes, metrics=metrics)
     for exc_class, handler in EXCEPTION_HANDLERS.items():
         app.add_exception_handler(exc_class, handler)

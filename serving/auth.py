@@ -2,10 +2,13 @@
 
 The keys file holds sha256 hashes only, so no secret sits in a file or a config map:
 
-    {"keys": [{"name": "team-search", "sha256": "<64 hex>", "shadow_log": true},
+    {"keys": [{"name": "team-search", "sha256": "<64 hex>", "shadow_log": true,
+               "requests_per_minute": 600, "tokens_per_minute": 200000, "tokens_per_day": 20000000},
               {"name": "legal", "sha256": "<64 hex>", "shadow_log": false}]}
 
-`shadow_log: false` keeps every request of that key out of the trajectory log. Create a key and its entry:
+`shadow_log: false` keeps every request of that key out of the trajectory log. The optional limits are enforced
+per serving process (`serving.limits`, 429 with `Retry-After` past them); a key without them is unlimited.
+Create a key and its entry:
 
     python -m serving.auth new-key --name team-search      # prints the key once, and the JSON entry
 
@@ -27,6 +30,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from foundation.errors import ConfigError
+from serving.limits import KeyLimits
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +39,23 @@ log = logging.getLogger(__name__)
 class Caller:
     name: str | None  # None: the endpoint is open (no keys configured)
     shadow_log: bool = True
+    limits: KeyLimits | None = None  # None: unlimited
 
 
 ANONYMOUS = Caller(None, True)
 
 
-class KeyEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class KeyEntry(KeyLimits):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1, max_length=128)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     shadow_log: bool = True
+
+    @property
+    def limits(self) -> KeyLimits:
+        return KeyLimits(requests_per_minute=self.requests_per_minute, tokens_per_minute=self.tokens_per_minute,
+                         tokens_per_day=self.tokens_per_day)
 
 
 class KeysFile(BaseModel):
@@ -116,7 +126,7 @@ class KeyStore:
         for entry in self._entries:  # compare every entry in constant time; no early exit
             if hmac.compare_digest(entry.sha256, digest):
                 match = entry
-        return Caller(match.name, match.shadow_log) if match else None
+        return Caller(match.name, match.shadow_log, match.limits) if match else None
 
 
 class AdminToken:
@@ -137,11 +147,14 @@ def main(argv: list[str] | None = None) -> None:
     new = sub.add_parser("new-key", help="generate a key; print it once and its keys-file entry")
     new.add_argument("--name", required=True)
     new.add_argument("--no-shadow-log", action="store_true", help="keep this caller out of the trajectory log")
+    for limit in KeyLimits.model_fields:
+        new.add_argument("--" + limit.replace("_", "-"), type=int, default=None, help="optional limit (per key)")
     args = parser.parse_args(argv)
     key = "sd-" + secrets.token_urlsafe(32)
-    entry = KeyEntry(name=args.name, sha256=hash_key(key), shadow_log=not args.no_shadow_log)
+    limits = {k: getattr(args, k) for k in KeyLimits.model_fields}
+    entry = KeyEntry(name=args.name, sha256=hash_key(key), shadow_log=not args.no_shadow_log, **limits)
     print(f"key (shown once): {key}")
-    print(json.dumps(entry.model_dump()))
+    print(json.dumps(entry.model_dump(exclude_none=True)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Configuration of the student endpoint: one validated object that `run_server` and the tests share.
 
 Every limit the API enforces lives here, so a 400 always names a value an operator can look up. Secrets never
-sit in this object's files: API keys come as sha256 hashes in a keys file (see `serving.auth`), the admin
-token and the caller-hash salt come from environment variables whose *names* are configured here.
+sit in this object's files: API keys come as sha256 hashes in a keys file (see `serving.auth`, which also holds
+each key's rate limits), the admin token comes from an environment variable whose *name* is configured here,
+and the caller-hash salt from one too, else from a salt file created with a random salt (`serving.privacy`).
 
     python -m serving.api_server --model-dir ~/.cache/shadow-distill/models/student --port 8000 \\
         --api-keys-file keys.json --kafka-bootstrap 127.0.0.1:9092 --adapters-root /srv/adapters
@@ -10,10 +11,12 @@ token and the caller-hash salt come from environment variables whose *names* are
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from foundation.config import StrictConfig
 from schemas.trajectory import DEFAULT_TOPIC
@@ -61,7 +64,16 @@ class ServingConfig(StrictConfig):
     admin_token_env: str = Field(default="SHADOW_DISTILL_ADMIN_TOKEN",
                                  description="Env var holding the admin token for adapter endpoints.")
     caller_salt_env: str = Field(default="SHADOW_DISTILL_CALLER_SALT",
-                                 description="Env var holding the salt of caller hashes in trajectories.")
+                                 description="Env var holding the salt of caller and user hashes (>= 16 chars).")
+    caller_salt_file: Path | None = Field(
+        default=None, description="Salt file used when the env var is unset; created 0600 with a random salt "
+                                  "when missing (default: $SHADOW_DISTILL_HOME/serving/caller_salt). Replicas "
+                                  "must share one salt.")
+    dev_mode: bool = Field(default=False, description="Development: with no salt configured, hash with a random "
+                                                      "salt of this process (changes at every restart).")
+    rate_limit_replicas: int = Field(default=1, ge=1, le=1024,
+                                     description="Serving processes behind one keys file: each enforces 1/N of "
+                                                 "every key's rate limits and quotas.")
 
     # Adapters.
     adapters_root: Path | None = Field(default=None, description="Adapter folders must lie under this root.")
@@ -75,6 +87,27 @@ class ServingConfig(StrictConfig):
     kafka_topic: str = Field(default=DEFAULT_TOPIC, min_length=1)
     spool_dir: Path | None = Field(default=None, description="Local spool of the shadow log when Kafka is down.")
     log_texts: bool = Field(default=True, description="Put prompt/completion texts into trajectories (review).")
+    redact_patterns: dict[str, str] = Field(
+        default_factory=dict, description='Named regexes, as JSON ({"email": "[^@ ]+@[^@ ]+"}): a trajectory whose '
+                                          "prompt or completion matches one is withheld from the log (counted on "
+                                          "/metrics).")
+
+    @field_validator("redact_patterns", mode="before")
+    @classmethod
+    def _patterns_from_json(cls, v: Any) -> Any:
+        return json.loads(v) if isinstance(v, str) else v  # a command-line flag is JSON text
+
+    @field_validator("redact_patterns")
+    @classmethod
+    def _patterns_compile(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, regex in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", name):
+                raise ValueError(f"pattern name {name!r} must be 1-64 letters, digits or _ (it is a metric label)")
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise ValueError(f"pattern {name!r} is not a regex: {exc}") from None
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> ServingConfig:

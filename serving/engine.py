@@ -6,7 +6,8 @@ loaded adapter. Requests queue up; the worker takes whole requests (all `n` rows
 batch, hence under one adapter version) until `max_batch_size` rows or `batch_wait_ms` have passed, and runs
 them through `model_runtime.sampling.sample`, which already mixes per-row decoding parameters and records the
 logprob of each token. Top-logprob alternatives (opt-in) are read from one scoring pass over the finished
-rows, with `model_runtime.logprobs.completion_logits` and the same logit processing as sampling.
+rows, with `model_runtime.logprobs.completion_logits` and the same logit processing as sampling; prompt
+logprobs (vLLM's `prompt_logprobs`, opt-in) from one pass over the prompt, under the model's own distribution.
 
     engine = EmbeddedEngine.from_dir(student_dir, max_batch_size=8)
     job = engine.submit([RowRequest(prompt_ids, DecodeParams(max_tokens=32))])
@@ -29,13 +30,14 @@ from transformers import PreTrainedTokenizerBase
 
 from model_runtime.logprobs import completion_logits
 from model_runtime.models import ModelMeta, eos_token_ids, load_model, load_tokenizer, pick_device
-from model_runtime.sampling import DecodeParams, SampleResult, process_logits, sample
+from model_runtime.sampling import DecodeParams, SampleResult, process_logits, sample, suppress_stops
 from serving.detokenize import StopMatcher
 from serving.engine_base import (
     AdapterInfo,
     EngineObserver,
     GenerationJob,
     GenerationOutput,
+    PromptLogprobs,
     RowRequest,
     RowResult,
     TokenCallback,
@@ -227,6 +229,7 @@ class EmbeddedEngine:
                              pad_id=self.pad_id, stop_check=self._stop_check(owners, rows),
                              on_token=self._on_token(owners))
             alternatives = self._alternatives(model, rows, results)
+            prompt_logprobs = self._prompt_logprobs(model, rows)
         except Exception as exc:  # one bad batch fails its requests, not the server
             log.exception("batch of %d rows failed", len(rows))
             for job in batch:
@@ -236,14 +239,14 @@ class EmbeddedEngine:
         if self.observer is not None:
             self.observer.on_batch(len(rows), tokens, time.perf_counter() - started)
         by_job: dict[int, list[RowResult]] = {id(job): [] for job in batch}
-        for (job, _), row, res, alt in zip(owners, rows, results, alternatives, strict=True):
-            by_job[id(job)].append(_row_result(res, row.params, alt))
+        for (job, _), row, res, alt, plp in zip(owners, rows, results, alternatives, prompt_logprobs, strict=True):
+            by_job[id(job)].append(_row_result(res, row.params, alt, plp))
         for job in batch:
             if not job.future.cancelled():
                 job.future.set_result(GenerationOutput(by_job[id(job)], version))
 
     def _stop_check(self, owners, rows):
-        matchers = [StopMatcher(self.tokenizer, r.stop) for r in rows]
+        matchers = [StopMatcher(self.tokenizer, r.stop, r.skip_special_tokens) for r in rows]
 
         def check(b: int, ids: list[int]) -> bool:
             return owners[b][0].cancelled or matchers[b](ids)
@@ -271,13 +274,43 @@ class EmbeddedEngine:
                 continue
             cl = completion_logits(model, [row.prompt_ids], [res.completion_ids], self.pad_id)
             per_token = []
-            for logits_V in cl.logits_BCV[0, : len(res.completion_ids)]:
-                logp_V = _behaviour_distribution(logits_V, row.params)
+            for j, logits_V in enumerate(cl.logits_BCV[0, : len(res.completion_ids)]):
+                logp_V = _behaviour_distribution(logits_V, row.params, j, self.eos_ids)
                 top = torch.topk(logp_V, min(row.top_logprobs, logp_V.shape[-1]))
                 per_token.append([(int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)
                                   if torch.isfinite(v)])
             out[b] = per_token
         return out
+
+    @torch.no_grad()
+    def _prompt_logprobs(self, model, rows: list[RowRequest]) -> list[PromptLogprobs | None]:
+        """vLLM's `prompt_logprobs` for rows that asked, one scoring pass per distinct prompt."""
+        out: list[PromptLogprobs | None] = [None] * len(rows)
+        done: dict[tuple[tuple[int, ...], int], PromptLogprobs] = {}
+        for b, row in enumerate(rows):
+            if row.prompt_logprobs is None:
+                continue
+            key = (row.prompt_ids, row.prompt_logprobs)
+            if key not in done:
+                done[key] = self._score_prompt(model, row.prompt_ids, row.prompt_logprobs)
+            out[b] = done[key]
+        return out
+
+    def _score_prompt(self, model, prompt: tuple[int, ...], k: int) -> PromptLogprobs:
+        """None for position 0 (nothing predicts it), then the top-k and the prompt's own token, with ranks."""
+        if len(prompt) < 2:
+            return [None]
+        cl = completion_logits(model, [prompt[:1]], [prompt[1:]], self.pad_id)
+        entries: PromptLogprobs = [None]
+        for tok, logits_V in zip(prompt[1:], cl.logits_BCV[0, : len(prompt) - 1], strict=True):
+            logp_V = torch.log_softmax(logits_V.float(), dim=-1)
+            top = torch.topk(logp_V, min(k, logp_V.shape[-1]))
+            entry = {int(i): (float(v), rank) for rank, (v, i) in enumerate(zip(top.values, top.indices,
+                                                                                strict=True), start=1)}
+            own = float(logp_V[tok])
+            entry.setdefault(tok, (own, int((logp_V > own).sum()) + 1))
+            entries.append(entry)
+        return entries
 
     def _fail_pending(self, exc: BaseException) -> None:
         with self._cond:
@@ -292,13 +325,16 @@ class EmbeddedEngine:
             done.set_exception(error)
 
 
-def _behaviour_distribution(logits_V: torch.Tensor, params: DecodeParams) -> torch.Tensor:
-    """The distribution whose logprobs are logged: processed when sampled, the model's own when greedy."""
+def _behaviour_distribution(logits_V: torch.Tensor, params: DecodeParams, generated: int,
+                            eos_ids: set[int]) -> torch.Tensor:
+    """The distribution whose logprobs are logged at completion position `generated`: the one sampled from
+    (stop tokens masked under `min_tokens`, then processed), or the model's own when greedy (`raw`)."""
     if params.temperature == 0:
         return torch.log_softmax(logits_V.float(), dim=-1)
-    return process_logits(logits_V, params)
+    return process_logits(suppress_stops(logits_V, params, generated, eos_ids), params)
 
 
-def _row_result(res: SampleResult, params: DecodeParams, alternatives) -> RowResult:
+def _row_result(res: SampleResult, params: DecodeParams, alternatives, prompt_logprobs) -> RowResult:
     kind, logprobs = res.behaviour(params.temperature)
-    return RowResult(list(res.completion_ids), list(logprobs), kind, res.finish_reason, alternatives)
+    return RowResult(list(res.completion_ids), list(logprobs), kind, res.finish_reason, alternatives,
+                     prompt_logprobs)

@@ -11,7 +11,7 @@ asyncio API layer (`asyncio.wrap_future`) can both use it. `on_token` is called 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +20,15 @@ from typing import Protocol
 from transformers import PreTrainedTokenizerBase
 
 from model_runtime.sampling import DecodeParams
+from serving.detokenize import TextRule
 
 TokenCallback = Callable[[int, int, float], None]
 """(row index within the submitted rows, token id, logprob as logged), called as each token is sampled."""
+
+
+PromptLogprobs = list[dict[int, tuple[float, int]] | None]
+"""Per prompt position: None for the first, else {token id: (logprob, rank)} for the top-k and the prompt's own
+token (vLLM's `prompt_logprobs`, the model's own distribution)."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,13 @@ class RowRequest:
     params: DecodeParams
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0  # alternatives to report per token; 0: none
+    include_stop_str: bool = False  # vLLM's include_stop_str_in_output
+    skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None  # top-k of every prompt position; None: not asked for
+
+    def text_rule(self, eos_ids: Set[int]) -> TextRule:
+        """How this choice's ids become its text (stop strings, stop tokens, special tokens)."""
+        return TextRule(self.stop, self.include_stop_str, self.skip_special_tokens, self.params.stop_ids(eos_ids))
 
 
 @dataclass
@@ -44,6 +57,7 @@ class RowResult:
     logprob_kind: str  # "sampled" | "raw" (see model_runtime.sampling.SampleResult.behaviour)
     finish_reason: str  # "stop" | "length"
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: (token id, logprob), best first
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass
@@ -80,6 +94,7 @@ class Engine(Protocol):
     base_model_id: str
     tokenizer: PreTrainedTokenizerBase
     max_model_len: int
+    eos_ids: set[int]  # end a row unless it ignores EOS
 
     def active_adapter(self) -> AdapterInfo | None: ...
 

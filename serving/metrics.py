@@ -1,7 +1,7 @@
 """Prometheus metrics of the endpoint, on a registry of its own (several apps can live in one process).
 
-Requests by route template and status, latency, generated tokens and batch sizes are observed as they
-happen; the shadow log's counters (the sink's `stats()`), the adapter watcher's counters, the engine queue
+Requests by route template and status, latency, generated tokens, batch sizes and trajectories withheld by a
+redaction pattern (per pattern) are observed as they happen; the shadow log's counters (the sink's `stats()`), the adapter watcher's counters, the engine queue
 depth and the active adapter version (a labelled gauge) are read at scrape time.
 
     curl -s 127.0.0.1:8000/metrics | grep shadow_
@@ -65,6 +65,10 @@ class ServingMetrics:
                                     buckets=BATCH_BUCKETS, registry=self.registry)
         self.batch_seconds = Histogram("shadow_serving_batch_seconds", "engine time per batch",
                                        buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.redactions = Counter("shadow_serving_redactions", "trajectories withheld from the log because their "
+                                  "text matched this redaction pattern", ["pattern"], registry=self.registry)
+        self.withheld = Counter("shadow_serving_withheld_trajectories", "trajectories withheld from the log by the "
+                                "redaction hook (each once, whatever patterns it matched)", registry=self.registry)
         self.stats_sources: dict[str, StatsFn] = {}
         self.adapter_version: Callable[[], str | None] | None = None
         self.queue_depth: Callable[[], int] | None = None
@@ -77,6 +81,16 @@ class ServingMetrics:
         self.batch_rows.observe(rows)
         self.batch_seconds.observe(seconds)
         self.generated_tokens.inc(generated_tokens)
+
+    def declare_patterns(self, names: list[str]) -> None:
+        """Export every configured pattern's counter from the start (at 0), not only once it first matches."""
+        for name in names:
+            self.redactions.labels(name)
+
+    def on_withheld(self, patterns: list[str]) -> None:
+        self.withheld.inc()
+        for name in patterns:
+            self.redactions.labels(name).inc()
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()

@@ -31,7 +31,8 @@ def valid_request_id(value: str | None) -> str | None:
 
 
 def error_json(error: ErrorResponse) -> Response:
-    return Response(error.model_dump_json(), status_code=error.status_code, media_type="application/json")
+    return Response(error.model_dump_json(), status_code=error.status_code, media_type="application/json",
+                    headers=error.headers or None)
 
 
 class ServingMiddleware:

@@ -4,6 +4,9 @@ Like vLLM's `OpenAIServing`, methods return an `ErrorResponse` instead of raisin
 wrong; the router turns it into the right 4xx. Sampling parameters become one `RowRequest` per choice (`n`
 per prompt); every choice gets a concrete seed (the request's seed + choice index, or a random one), which is
 recorded in its trajectory so any logged choice can be regenerated (seeds are taken mod 2^63).
+
+A planned request is then admitted by the key's rate limits (`serving.limits`: a 429 with `Retry-After`, before
+the engine sees it), generated, charged for the tokens it used, and logged (`TrajectoryLog`) after its answer.
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from pydantic import BaseModel
@@ -22,17 +24,20 @@ from pydantic import BaseModel
 from model_runtime.sampling import DecodeParams
 from serving.auth import Caller
 from serving.config import ServingConfig
-from serving.detokenize import IncrementalText, final_text, token_text
-from serving.engine_base import Engine, GenerationOutput, RowRequest
+from serving.detokenize import IncrementalText, TextRule, token_text
+from serving.engine_base import Engine, GenerationOutput, RowRequest, RowResult
+from serving.limits import Grant, RateLimiter, Refusal
 from serving.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    PromptLogprob,
+    PromptLogprobsOut,
     SamplingFields,
     UsageInfo,
     error_response,
 )
-from serving.trajectories import TrajectorySink, caller_hash, submit_all
+from serving.trajectories import TrajectoryLog
 from foundation.errors import ShadowDistillError
 
 log = logging.getLogger(__name__)
@@ -81,14 +86,29 @@ class Plan:
     prompts: list[list[int]]
     rows: list[RowRequest]
     n: int
+    end_user: str | None = None  # the request's `user`, hashed into its trajectories
+    grant: Grant = field(default_factory=Grant)  # what the key's rate limits reserved (default: unlimited)
+
+    @property
+    def worst_case_tokens(self) -> int:
+        """Prompt tokens (as `usage` counts them) plus every choice's max_tokens: what admission reserves."""
+        return sum(len(p) for p in self.prompts) + sum(row.params.max_tokens for row in self.rows)
+
+
+def rate_limited(refusal: Refusal) -> ErrorResponse:
+    """OpenAI's 429: `rate_limit_exceeded` (type requests/tokens) or `insufficient_quota`, with Retry-After."""
+    error = error_response(429, refusal.message, code=refusal.code, type_=refusal.type)
+    error.headers["Retry-After"] = refusal.retry_after
+    return error
 
 
 class OpenAIServing:
-    def __init__(self, engine: Engine, config: ServingConfig, sink: TrajectorySink | None, caller_salt: str):
+    def __init__(self, engine: Engine, config: ServingConfig, log: TrajectoryLog | None = None,
+                 limiter: RateLimiter | None = None):
         self.engine = engine
         self.config = config
-        self.sink = sink
-        self.caller_salt = caller_salt
+        self.log = log
+        self.limiter = limiter or RateLimiter(config.rate_limit_replicas)
         self.tokenizer = engine.tokenizer
         self.vocab_size = len(engine.tokenizer)
 
@@ -142,22 +162,65 @@ class OpenAIServing:
         if requested is not None and requested > cfg.max_tokens_limit:
             return error_response(400, f"max_tokens={requested} exceeds this server's limit of "
                                        f"{cfg.max_tokens_limit}", param="max_tokens", code="invalid_value")
+        if error := self._check_extras(req, alternatives):
+            return error
         base_seed = req.seed if req.seed is not None else secrets.randbits(62)
         rows = []
         for p, prompt in enumerate(prompts):
             max_tokens = self._max_tokens(len(prompt), requested, prompt_param)
             if isinstance(max_tokens, ErrorResponse):
                 return max_tokens
+            if (req.min_tokens or 0) > max_tokens:
+                return error_response(400, f"min_tokens={req.min_tokens} exceeds max_tokens={max_tokens}",
+                                      param="min_tokens", code="invalid_value")
             for i in range(req.n):
-                params = DecodeParams(
-                    max_tokens=max_tokens,
-                    temperature=1.0 if req.temperature is None else req.temperature,
-                    top_p=1.0 if req.top_p is None else req.top_p,
-                    top_k=max(req.top_k or 0, 0),
-                    seed=(base_seed + p * req.n + i) % SEED_MODULUS,
-                )
-                rows.append(RowRequest(tuple(prompt), params, req.stop_strings, alternatives))
-        return Plan(prompts, rows, req.n)
+                rows.append(self._row(req, prompt, max_tokens, (base_seed + p * req.n + i) % SEED_MODULUS,
+                                      alternatives))
+        return Plan(prompts, rows, req.n, req.end_user)
+
+    def admit(self, ctx: RequestContext, plan: Plan) -> ErrorResponse | None:
+        """Take the request's share of its key's limits (kept in `plan.grant`), or the 429 that refuses it."""
+        grant = self.limiter.admit(ctx.caller.name, ctx.caller.limits, plan.worst_case_tokens)
+        if isinstance(grant, Refusal):
+            return rate_limited(grant)
+        plan.grant = grant
+        return None
+
+    def _check_extras(self, req: SamplingFields, alternatives: int) -> ErrorResponse | None:
+        """vLLM extras that need this server's limits or vocabulary to check."""
+        bad = next((t for t in req.stop_token_ids or () if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            return error_response(400, f"stop token id {bad} is outside the vocabulary [0, {self.vocab_size})",
+                                  param="stop_token_ids", code="invalid_value")
+        if req.prompt_logprobs is not None and req.stream:
+            return error_response(400, "prompt_logprobs are not available when stream=true",
+                                  param="prompt_logprobs", code="invalid_value")
+        if (req.prompt_logprobs or 0) > self.config.max_top_logprobs:
+            return error_response(400, f"prompt_logprobs={req.prompt_logprobs} exceeds this server's limit of "
+                                       f"{self.config.max_top_logprobs}", param="prompt_logprobs", code="invalid_value")
+        return None
+
+    @staticmethod
+    def _row(req: SamplingFields, prompt: list[int], max_tokens: int, seed: int, alternatives: int) -> RowRequest:
+        """One choice: the request's decoding parameters with OpenAI's and vLLM's defaults filled in."""
+        params = DecodeParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=max(req.top_k or 0, 0),
+            seed=seed,
+            min_p=req.min_p or 0.0,
+            min_tokens=req.min_tokens or 0,
+            ignore_eos=bool(req.ignore_eos),
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+        )
+        return RowRequest(tuple(prompt), params, req.stop_strings, alternatives,
+                          include_stop_str=bool(req.include_stop_str_in_output),
+                          skip_special_tokens=req.skip_special_tokens is not False,
+                          prompt_logprobs=req.prompt_logprobs)
+
+    def text_rule(self, row: RowRequest) -> TextRule:
+        return row.text_rule(self.engine.eos_ids)
 
     def _max_tokens(self, prompt_len: int, requested: int | None, param: str) -> int | ErrorResponse:
         limit = self.engine.max_model_len
@@ -178,7 +241,13 @@ class OpenAIServing:
         log.error("generation failed: %s", exc)
         return error_response(500, f"generation failed: {exc}", code="internal_error")
 
-    async def generate(self, rows: Sequence[RowRequest]) -> GenerationOutput | ErrorResponse:
+    async def generate(self, plan: Plan) -> GenerationOutput | ErrorResponse:
+        """The plan's rows generated, and its grant charged with what they used (nothing when they failed)."""
+        out = await self._generate(plan.rows)
+        plan.grant.settle(0 if isinstance(out, ErrorResponse) else self.usage(plan, out).total_tokens)
+        return out
+
+    async def _generate(self, rows: Sequence[RowRequest]) -> GenerationOutput | ErrorResponse:
         try:
             job = self.engine.submit(rows)
         except ShadowDistillError as exc:
@@ -217,9 +286,18 @@ class OpenAIServing:
         """SSE lines of one streamed request; its trajectories are submitted after the last data chunk.
 
         Tokens are forwarded as they are sampled. When top-logprob alternatives were asked for, they only
-        exist once the rows are finished, so the chunks are then sent at the end, in the same format.
+        exist once the rows are finished, so the chunks are then sent at the end, in the same format. The
+        grant is charged what was used; a stream the client left early keeps its whole reservation charged.
         """
-        texts = [IncrementalText(self.tokenizer, row.stop) for row in plan.rows]
+        try:
+            async for line in self._stream_lines(ctx, plan, renderer, include_usage):
+                yield line
+        finally:
+            plan.grant.settle()  # a no-op when the stream finished (it settled the real usage)
+
+    async def _stream_lines(self, ctx: RequestContext, plan: Plan, renderer: ChunkRenderer,
+                            include_usage: bool) -> AsyncIterator[str]:
+        texts = [IncrementalText(self.tokenizer, self.text_rule(row)) for row in plan.rows]
         buffered = any(row.top_logprobs for row in plan.rows)
         for line in renderer.opening():
             yield line
@@ -234,10 +312,12 @@ class OpenAIServing:
                         if line := renderer.token(row, texts[row].push(tok), tok, lp, None):
                             yield line
         except ShadowDistillError as exc:
+            plan.grant.settle(0)
             yield sse(self.engine_error(exc))
             yield SSE_DONE
             return
         assert out is not None
+        plan.grant.settle(self.usage(plan, out).total_tokens)
         for row, res in enumerate(out.rows):
             if buffered:
                 for j, (tok, lp) in enumerate(zip(res.completion_ids, res.logprobs, strict=True)):
@@ -260,6 +340,14 @@ class OpenAIServing:
     def token_str(self, token_id: int, as_id: bool) -> str:
         return token_text(self.tokenizer, token_id, as_id)
 
+    def prompt_logprobs(self, res: RowResult, as_id: bool) -> PromptLogprobsOut | None:
+        """vLLM's `prompt_logprobs` of a choice: per position None or {"<token id>": logprob, rank, token}."""
+        if res.prompt_logprobs is None:
+            return None
+        return [None if entry is None else {
+            str(t): PromptLogprob(logprob=lp, rank=rank, decoded_token=self.token_str(t, as_id))
+            for t, (lp, rank) in entry.items()} for entry in res.prompt_logprobs]
+
     @staticmethod
     def usage(plan: Plan, out: GenerationOutput) -> UsageInfo:
         prompt_tokens = sum(len(p) for p in plan.prompts)
@@ -270,29 +358,7 @@ class OpenAIServing:
     def trajectory_task(self, ctx: RequestContext, plan: Plan,
                         out: GenerationOutput) -> Callable[[], None] | None:
         """A callable that builds and submits one trajectory per choice (run it after the response)."""
-        if self.sink is None or not ctx.shadow_log:
+        if self.log is None or not ctx.shadow_log:
             return None
-        sink, created = self.sink, datetime.now(UTC)
-
-        def task() -> None:
-            caller = caller_hash(ctx.caller.name, self.caller_salt)
-            log_texts = self.config.log_texts
-            fields = [
-                dict(request_id=ctx.request_id, choice_index=k, caller=caller,
-                     base_model_id=self.engine.base_model_id, adapter_version=out.adapter_version,
-                     params=row.params, prompt_ids=row.prompt_ids, result=res,
-                     prompt_text=decode_prompt(self.tokenizer, row.prompt_ids) if log_texts else None,
-                     completion_text=final_text(self.tokenizer, res.completion_ids, row.stop) if log_texts else None,
-                     created_at=created)
-                for k, (row, res) in enumerate(zip(plan.rows, out.rows, strict=True))
-            ]
-            submit_all(sink, fields)
-
-        return task
-
-
-def decode_prompt(tokenizer, ids: Sequence[int]) -> str:
-    """The prompt as a reviewer should read it: chat template markers included."""
-    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
+        return self.log.task(ctx.request_id, ctx.caller.name, plan.end_user, plan.rows, out.rows,
+                             out.adapter_version)

@@ -1,9 +1,16 @@
 """Wire models of the OpenAI-compatible API (plus the vLLM extras the gateway and trainers rely on).
 
-Requests ignore unknown fields, as OpenAI does; fields that would change the meaning of the answer but that
-this server cannot honour (penalties, logit bias, tools, echo, ...) are refused with a 400 instead of being
-silently dropped. Range checks live on the fields, so a bad value comes back as a 400 naming the parameter.
-Responses follow OpenAI's shapes; vLLM's `prompt_token_ids` / `token_ids` appear only when asked for.
+Every request field is honoured, or refused with a 400 whose `param` names it (serving.request_fields declares
+the refused ones, and refuses any field neither OpenAI nor vLLM defines, as OpenAI does). Range checks live on
+the fields, so a bad value comes back as a 400 naming the parameter. Responses follow OpenAI's published
+schemas (tests/unit/test_serving_openai_conformance.py checks them against OpenAI's own document); vLLM's
+`prompt_token_ids` / `token_ids` / `prompt_logprobs` appear only when asked for.
+
+Honoured vLLM extras: `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`,
+`skip_special_tokens`, `prompt_logprobs`, `return_token_ids`, `return_tokens_as_token_ids`, and for chat
+`add_generation_prompt` and `continue_final_message`. `user` (and chat's `safety_identifier`) is the end user's
+id: it is stored in trajectories only as a salted hash. A message's `name` reaches the chat template; a template
+that does not render names refuses it (serving_chat), rather than dropping it.
 """
 
 from __future__ import annotations
@@ -11,19 +18,25 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from serving.request_fields import (
+    Refused,
+    RefusedChatFields,
+    RefusedCompletionFields,
+    RefusedMessageFields,
+    RefusedVLLMFields,
+    RequestModel,
+)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
 
 
 def _omit_none(value: Any) -> bool:
     return value is None
-
-
-class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
 
 
 class ResponseModel(BaseModel):
@@ -34,28 +47,40 @@ class ResponseModel(BaseModel):
 
 
 class StreamOptions(RequestModel):
-    include_usage: bool = False
+    include_usage: bool | None = False
+    include_obfuscation: Refused("this server adds no obfuscation padding to stream chunks", False)
+    continuous_usage_stats: Refused("usage is reported once, in the last chunk", False)
 
 
-class SamplingFields(RequestModel):
+class SamplingFields(RefusedVLLMFields):
     """Fields shared by chat and completions requests."""
 
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1, description="vLLM extra; -1 or 0 disables.")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0,
+                                description="vLLM extra: drop tokens below min_p x the top token's probability.")
     max_tokens: int | None = Field(default=None, ge=1)
+    min_tokens: int | None = Field(default=None, ge=0,
+                                   description="vLLM extra: stop tokens (EOS too) cannot end the choice before this.")
+    ignore_eos: bool | None = Field(default=None, description="vLLM extra: keep sampling past EOS.")
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS,
+                                             description="vLLM extra: token ids that end a choice like EOS.")
+    include_stop_str_in_output: bool | None = Field(
+        default=None, description="vLLM extra: keep the stop string (or stop token) in the text.")
+    skip_special_tokens: bool | None = Field(default=None, description="vLLM extra: false shows special tokens.")
     n: int = Field(default=1, ge=1)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(default=None, max_length=512)
-    return_token_ids: bool = False
-    return_tokens_as_token_ids: bool = False
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    user: str | None = Field(default=None, max_length=512,
+                             description="The end user's id; trajectories keep only its salted hash.")
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20,
+                                        description="vLLM extra: top-k logprobs of every prompt token (no stream).")
+    return_token_ids: bool | None = False
+    return_tokens_as_token_ids: bool | None = False
 
     @field_validator("stop")
     @classmethod
@@ -66,20 +91,6 @@ class SamplingFields(RequestModel):
         for s in stops:
             if not s or len(s) > MAX_STOP_CHARS:
                 raise ValueError(f"stop strings must have 1..{MAX_STOP_CHARS} characters, got {s!r:.40}")
-        return v
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None) -> float | None:
-        if v:
-            raise ValueError(f"{v} is not supported by this server (only 0)")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise ValueError("logit_bias is not supported by this server")
         return v
 
     @property
@@ -99,6 +110,11 @@ class SamplingFields(RequestModel):
         """Top-logprob alternatives wanted per token (0: none)."""
         return 0
 
+    @property
+    def end_user(self) -> str | None:
+        """The end user's id, if the request names one."""
+        return self.user
+
 
 class ContentPart(RequestModel):
     type: str
@@ -111,10 +127,11 @@ class ContentPart(RequestModel):
         return self
 
 
-class ChatMessage(RequestModel):
+class ChatMessage(RefusedMessageFields):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: str | None = Field(default=None, min_length=1, max_length=256,
+                             description="Passed to the chat template; refused where the template ignores names.")
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -122,22 +139,38 @@ class ChatMessage(RequestModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(RefusedChatFields, SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    safety_identifier: str | None = Field(default=None, max_length=512,
+                                          description="The end user's id (OpenAI's successor of `user`).")
+    add_generation_prompt: bool | None = Field(
+        default=None, description="vLLM extra: end the prompt with the assistant header (default: true unless "
+                                  "continue_final_message).")
+    continue_final_message: bool | None = Field(
+        default=None, description="vLLM extra: leave the final message open for the model to continue.")
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _one_prompt_ending(cls, v: bool | None, info: ValidationInfo) -> bool | None:
+        if v and info.data.get("add_generation_prompt"):
+            raise ValueError("cannot be set with add_generation_prompt=true")
+        return v
+
+    @field_validator("safety_identifier")
+    @classmethod
+    def _one_end_user(cls, v: str | None, info: ValidationInfo) -> str | None:
+        user = info.data.get("user")
+        if v is not None and user is not None and v != user:
+            raise ValueError("names another end user than `user`; send one of them")
+        return v
 
     @model_validator(mode="after")
     def _chat_rules(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
-        if self.tools:
-            raise ValueError("tools are not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported (text only)")
         return self
 
     @property
@@ -148,12 +181,21 @@ class ChatCompletionRequest(SamplingFields):
     def alternatives(self) -> int:
         return (self.top_logprobs or 0) if self.logprobs else 0
 
+    @property
+    def end_user(self) -> str | None:
+        return self.safety_identifier or self.user
 
-class CompletionRequest(SamplingFields):
+    @property
+    def generation_prompt(self) -> bool:
+        """Whether the prompt ends with the assistant header (vLLM's default: unless continuing)."""
+        if self.add_generation_prompt is not None:
+            return self.add_generation_prompt
+        return not self.continue_final_message
+
+
+class CompletionRequest(RefusedCompletionFields, SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
-    suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
 
     @field_validator("prompt")
@@ -163,29 +205,33 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt must not be empty")
         return v
 
-    @model_validator(mode="after")
-    def _completion_rules(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
-        if self.suffix:
-            raise ValueError("suffix is not supported by this server")
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(f"best_of={self.best_of} != n={self.n} is not supported")
-        return self
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, v: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if v is not None and v != n:
+            raise ValueError(f"best_of={v} != n={n} is not supported")
+        return v
 
     @property
     def alternatives(self) -> int:
         return self.logprobs or 0
 
 
-class LoadLoRAAdapterRequest(RequestModel):
+class AdminRequestModel(BaseModel):
+    """vLLM's adapter-control bodies; fields this server has no use for (vLLM's `lora_int_id`) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class LoadLoRAAdapterRequest(AdminRequestModel):
     """vLLM's wire format; the name becomes the adapter version stamped on trajectories."""
 
     lora_name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:@+-]+$")
     lora_path: str = Field(min_length=1, max_length=4096)
 
 
-class UnloadLoRAAdapterRequest(RequestModel):
+class UnloadLoRAAdapterRequest(AdminRequestModel):
     lora_name: str = Field(min_length=1, max_length=64)
 
 
@@ -202,6 +248,7 @@ class ErrorInfo(ResponseModel):
 class ErrorResponse(ResponseModel):
     error: ErrorInfo
     status_code: int = Field(default=400, exclude=True)
+    headers: dict[str, str] = Field(default_factory=dict, exclude=True)  # e.g. Retry-After on a 429
 
 
 def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
@@ -220,6 +267,17 @@ class TopLogprob(ResponseModel):
     token: str
     logprob: float
     bytes: list[int] | None = None
+
+
+class PromptLogprob(ResponseModel):
+    """vLLM's entry for one token at one prompt position."""
+
+    logprob: float
+    rank: int | None = None  # 1: the most likely token at that position
+    decoded_token: str | None = None
+
+
+PromptLogprobsOut = list[dict[str, PromptLogprob] | None]  # per prompt position (None first), keyed by token id
 
 
 class ChatTokenLogprob(TopLogprob):
@@ -254,6 +312,7 @@ class ChatCompletionResponse(ResponseModel):
     usage: UsageInfo
     system_fingerprint: str | None = Field(default=None, exclude_if=_omit_none)  # names the adapter version
     prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_omit_none)
+    prompt_logprobs: PromptLogprobsOut | None = Field(default=None, exclude_if=_omit_none)
 
 
 class DeltaMessage(ResponseModel):
@@ -294,6 +353,7 @@ class CompletionChoice(ResponseModel):
     finish_reason: Literal["stop", "length"] | None = None
     prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_omit_none)
     token_ids: list[int] | None = Field(default=None, exclude_if=_omit_none)
+    prompt_logprobs: PromptLogprobsOut | None = Field(default=None, exclude_if=_omit_none)
 
 
 class CompletionResponse(ResponseModel):

@@ -126,8 +126,11 @@ async def request_context(request: Request, caller: Caller = Depends(require_key
 
 
 def validation_error(exc: ValidationError) -> ErrorResponse:
+    """The first problem, naming its field; a field neither OpenAI nor vLLM defines is OpenAI's unknown parameter."""
     first = exc.errors(include_url=False)[0]
     param = ".".join(str(p) for p in first["loc"]) or None
+    if first["type"] == "extra_forbidden":
+        return error_response(400, f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter")
     message = first["msg"].removeprefix("Value error, ")
     return error_response(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
 

@@ -1,7 +1,12 @@
 """`POST /v1/chat/completions`: messages -> the model's chat template -> token ids -> choices.
 
 The prompt ids are exactly `model_runtime.chat.chat_prompt_ids(tokenizer, messages)`, the same function the
-evaluators and the trainer use, so a logged trajectory's prompt is the prompt the student really saw.
+evaluators and the trainer use, so a logged trajectory's prompt is the prompt the student really saw. vLLM's
+`add_generation_prompt: false` and `continue_final_message: true` render the same template with those switches.
+
+A message's `name` is passed to the template as the message's `name`. Many templates never read it (the tiny
+models' and SmolLM2's do not); sending it there would be silently ignored, so when the prompt with the names is
+the prompt without them, the request is refused with a 400 naming the first `messages.N.name`.
 """
 
 from __future__ import annotations
@@ -37,33 +42,51 @@ class OpenAIServingChat(OpenAIServing):
                                      ctx: RequestContext) -> Completed | ErrorResponse | AsyncIterator[str]:
         if error := self.check_model(req.model):
             return error
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            prompt_ids = chat_prompt_ids(self.tokenizer, messages)
-        except (TemplateError, ValueError) as exc:
-            return error_response(400, f"the chat template rejected these messages: {exc}", param="messages",
-                                  code="invalid_value")
+        prompt_ids = self.chat_prompt(req)
+        if isinstance(prompt_ids, ErrorResponse):
+            return prompt_ids
         if error := self.check_prompt_ids(prompt_ids, "messages"):
             return error
         plan = self.plan(req, [prompt_ids], "messages")
         if isinstance(plan, ErrorResponse):
             return plan
+        if req.stream and not self.engine.is_alive():
+            return self.engine_error(RuntimeError("engine stopped"))
+        if error := self.admit(ctx, plan):
+            return error
         if req.stream:
-            if not self.engine.is_alive():
-                return self.engine_error(RuntimeError("engine stopped"))
-            renderer = _ChatChunks(self, req, ctx, prompt_ids)
-            return self.stream_response(ctx, plan, renderer, req.include_usage)
-        out = await self.generate(plan.rows)
+            return self.stream_response(ctx, plan, _ChatChunks(self, req, ctx, prompt_ids), req.include_usage)
+        out = await self.generate(plan)
         if isinstance(out, ErrorResponse):
             return out
         choices = [self._choice(req, k, res, plan) for k, res in enumerate(out.rows)]
         body = ChatCompletionResponse(id=f"chatcmpl-{ctx.request_id}", model=req.model, choices=choices,
                                       usage=self.usage(plan, out), system_fingerprint=self.fingerprint(out),
-                                      prompt_token_ids=prompt_ids if req.return_token_ids else None)
+                                      prompt_token_ids=prompt_ids if req.return_token_ids else None,
+                                      prompt_logprobs=self.prompt_logprobs(out.rows[0], bool(
+                                          req.return_tokens_as_token_ids)))
         return Completed(body, self.trajectory_task(ctx, plan, out))
 
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int] | ErrorResponse:
+        """The prompt ids of the request's messages, or the 400 of a template that rejects them or their names."""
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in req.messages]
+        ending = (req.generation_prompt, bool(req.continue_final_message))
+        try:
+            prompt_ids = render_chat(self.tokenizer, messages, *ending)
+            named = next((i for i, m in enumerate(messages) if "name" in m), None)
+            unnamed = [{k: v for k, v in m.items() if k != "name"} for m in messages]
+            if named is not None and render_chat(self.tokenizer, unnamed, *ending) == prompt_ids:
+                return error_response(400, f"messages.{named}.name: this model's chat template does not use "
+                                           "message names; leave them out", param=f"messages.{named}.name",
+                                      code="invalid_value")
+        except (TemplateError, ValueError) as exc:
+            return error_response(400, f"the chat template rejected these messages: {exc}", param="messages",
+                                  code="invalid_value")
+        return prompt_ids
+
     def _choice(self, req: ChatCompletionRequest, k: int, res: RowResult, plan: Plan) -> ChatCompletionChoice:
-        text = final_text(self.tokenizer, res.completion_ids, plan.rows[k].stop)
+        text = final_text(self.tokenizer, res.completion_ids, self.text_rule(plan.rows[k]))
         logprobs = None
         if req.logprobs:
             alts = res.top_logprobs or [None] * len(res.completion_ids)
@@ -82,6 +105,15 @@ class OpenAIServingChat(OpenAIServing):
     def _top(self, token_id: int, logprob: float, as_id: bool) -> TopLogprob:
         text = self.token_str(token_id, as_id)
         return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+
+def render_chat(tokenizer, messages: list[dict], generation_prompt: bool, continue_final: bool) -> list[int]:
+    """Prompt ids from the model's chat template; the defaults are exactly `chat_prompt_ids`."""
+    if generation_prompt and not continue_final:
+        return chat_prompt_ids(tokenizer, messages)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                         continue_final_message=continue_final)
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 class _ChatChunks:

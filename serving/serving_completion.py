@@ -35,11 +35,13 @@ class OpenAIServingCompletion(OpenAIServing):
         plan = self.plan(req, prompts, "prompt")
         if isinstance(plan, ErrorResponse):
             return plan
+        if req.stream and not self.engine.is_alive():
+            return self.engine_error(RuntimeError("engine stopped"))
+        if error := self.admit(ctx, plan):
+            return error
         if req.stream:
-            if not self.engine.is_alive():
-                return self.engine_error(RuntimeError("engine stopped"))
             return self.stream_response(ctx, plan, _CompletionChunks(self, req, ctx, plan), req.include_usage)
-        out = await self.generate(plan.rows)
+        out = await self.generate(plan)
         if isinstance(out, ErrorResponse):
             return out
         choices = [self._choice(req, k, res, plan) for k, res in enumerate(out.rows)]
@@ -56,20 +58,22 @@ class OpenAIServingCompletion(OpenAIServing):
                 for p in prompt]
 
     def _choice(self, req: CompletionRequest, k: int, res: RowResult, plan: Plan) -> CompletionChoice:
-        text = final_text(self.tokenizer, res.completion_ids, plan.rows[k].stop)
+        row = plan.rows[k]
+        text = final_text(self.tokenizer, res.completion_ids, self.text_rule(row))
         logprobs = None
         if req.logprobs is not None:
             alts = res.top_logprobs or [None] * len(res.completion_ids)
             logprobs = CompletionLogprobs(
-                text_offset=text_offsets(self.tokenizer, res.completion_ids, len(text)),
+                text_offset=text_offsets(self.tokenizer, res.completion_ids, len(text), row.skip_special_tokens),
                 token_logprobs=list(res.logprobs),
                 tokens=[self.token_str(t, req.return_tokens_as_token_ids) for t in res.completion_ids],
                 top_logprobs=[self.top_dict(t, lp, alt, req.return_tokens_as_token_ids)
                               for t, lp, alt in zip(res.completion_ids, res.logprobs, alts, strict=True)])
         ids = req.return_token_ids
         return CompletionChoice(index=k, text=text, logprobs=logprobs, finish_reason=res.finish_reason,
-                                prompt_token_ids=list(plan.rows[k].prompt_ids) if ids else None,
-                                token_ids=list(res.completion_ids) if ids else None)
+                                prompt_token_ids=list(row.prompt_ids) if ids else None,
+                                token_ids=list(res.completion_ids) if ids else None,
+                                prompt_logprobs=self.prompt_logprobs(res, bool(req.return_tokens_as_token_ids)))
 
     def top_dict(self, token_id: int, logprob: float, alternatives: Alternatives, as_id: bool) -> dict[str, float]:
         """The top-k alternatives plus the sampled token (as vLLM returns them)."""

@@ -3,7 +3,9 @@
 The trajectory is the contract with the rest of the platform (schemas/trajectory.py, DESIGN.md): token ids
 exactly as sampled, one behaviour logprob per completion token with its kind, the adapter version that
 produced it, and the sampling parameters. The caller is recorded as a salted sha256 of the API key's *name*,
-never of the key.
+never of the key; the end user (`user`) as a salted sha256 scoped to that key, never in clear. `TrajectoryLog`
+builds a request's trajectories after its response is sent and runs the redaction hook on them first
+(`serving.privacy.Withholder`: a trajectory whose text matches a pattern never leaves the process).
 
 A sink's `submit` never blocks and never raises (the request path calls it); the Kafka sink is
 `serving.shadow_log.ShadowLogger`. `MemorySink` keeps trajectories in memory, for tests and dry runs:
@@ -18,15 +20,18 @@ import hashlib
 import logging
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
 from pydantic import ValidationError
+from transformers import PreTrainedTokenizerBase
 
 from model_runtime.sampling import DecodeParams
 from schemas.trajectory import SamplingParams, TrajectoryV1
-from serving.engine_base import RowResult
+from serving.detokenize import final_text
+from serving.engine_base import RowRequest, RowResult
+from serving.privacy import Withholder
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +85,32 @@ def caller_hash(key_name: str | None, salt: str) -> str | None:
     return hashlib.sha256(f"{salt}\x00{key_name}".encode()).hexdigest()
 
 
+def user_hash(key_name: str | None, user: str | None, salt: str) -> str | None:
+    """sha256(salt, "user", key name, user) hex: the end user's id scoped to the API key that names it (two keys'
+    "user-1" are two users), in a domain of its own (never equal to a caller hash). None without a user."""
+    if user is None:
+        return None
+    return hashlib.sha256(f"{salt}\x00user\x00{key_name or ''}\x00{user}".encode()).hexdigest()
+
+
 def sampling_params(params: DecodeParams) -> SamplingParams:
+    """The trajectory's record of how a choice was decoded, every distribution-changing extra included."""
     return SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                          max_tokens=params.max_tokens, seed=params.seed)
+                          max_tokens=params.max_tokens, seed=params.seed, min_p=params.min_p,
+                          min_tokens=params.min_tokens, ignore_eos=params.ignore_eos)
 
 
 def build_trajectory(*, request_id: str, choice_index: int, caller: str | None, base_model_id: str,
                      adapter_version: str | None, params: DecodeParams, prompt_ids: Sequence[int],
                      result: RowResult, prompt_text: str | None, completion_text: str | None,
-                     created_at: datetime | None = None) -> TrajectoryV1:
+                     created_at: datetime | None = None, user: str | None = None) -> TrajectoryV1:
     return TrajectoryV1(
         trajectory_id=uuid.uuid4().hex,
         request_id=request_id,
         choice_index=choice_index,
         created_at=created_at or datetime.now(UTC),
         caller_hash=caller,
+        user_hash=user,
         base_model_id=base_model_id,
         adapter_version=adapter_version,
         sampling=sampling_params(params),
@@ -125,3 +141,45 @@ def submit_all(sink: TrajectorySink, trajectories: Sequence[dict]) -> int:
         sink.submit(traj)
         sent += 1
     return sent
+
+
+def decode_prompt(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+    """Token ids as a reviewer should read them: chat template markers and special tokens included."""
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+class TrajectoryLog:
+    """Turns one answered request into its trajectories, after its response: hashes, texts, redaction, submit."""
+
+    def __init__(self, sink: TrajectorySink, tokenizer: PreTrainedTokenizerBase, base_model_id: str, salt: str,
+                 *, log_texts: bool = True, eos_ids: set[int] = frozenset(), withholder: Withholder | None = None):
+        self.sink, self.tokenizer, self.base_model_id, self.salt = sink, tokenizer, base_model_id, salt
+        self.log_texts, self.eos_ids = log_texts, eos_ids
+        self.withholder = withholder or Withholder({})
+
+    def task(self, request_id: str, caller_name: str | None, end_user: str | None, rows: Sequence[RowRequest],
+             results: Sequence[RowResult], adapter_version: str | None) -> Callable[[], None]:
+        """A callable that builds and submits one trajectory per choice not withheld (run it after the response)."""
+        created = datetime.now(UTC)
+
+        def task() -> None:
+            hashes = {"caller": caller_hash(caller_name, self.salt), "user": user_hash(caller_name, end_user, self.salt)}
+            fields = [self._fields(request_id, k, row, res, adapter_version, created, hashes)
+                      for k, (row, res) in enumerate(zip(rows, results, strict=True))]
+            submit_all(self.sink, [f for f in fields if f is not None])
+
+        return task
+
+    def _fields(self, request_id: str, k: int, row: RowRequest, res: RowResult, adapter_version: str | None,
+                created: datetime, hashes: dict) -> dict | None:
+        """One choice's trajectory fields, or None when its text matches a redaction pattern (withheld)."""
+        prompt_text = completion_text = None
+        if self.log_texts or self.withholder.patterns:
+            prompt_text = decode_prompt(self.tokenizer, row.prompt_ids)
+            if self.withholder.withhold(prompt_text, decode_prompt(self.tokenizer, res.completion_ids)):
+                return None
+            completion_text = final_text(self.tokenizer, res.completion_ids, row.text_rule(self.eos_ids))
+        return dict(request_id=request_id, choice_index=k, base_model_id=self.base_model_id,
+                    adapter_version=adapter_version, params=row.params, prompt_ids=row.prompt_ids, result=res,
+                    prompt_text=prompt_text if self.log_texts else None,
+                    completion_text=completion_text if self.log_texts else None, created_at=created, **hashes)

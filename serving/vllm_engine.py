@@ -33,13 +33,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import httpx
 from transformers import PreTrainedTokenizerBase
 
-from model_runtime.models import ModelMeta, load_tokenizer
+from model_runtime.models import ModelMeta, eos_token_ids, load_tokenizer
 from serving.config import ServingConfig
 from serving.engine_base import (
     AdapterInfo,
     EngineObserver,
     GenerationJob,
     GenerationOutput,
+    PromptLogprobs,
     RowRequest,
     RowResult,
     TokenCallback,
@@ -58,17 +59,27 @@ def parse_token_id(token: str) -> int:
 
 
 def completion_body(row: RowRequest, model: str, stream: bool) -> dict:
-    """The vLLM `/v1/completions` request for one choice."""
+    """The vLLM `/v1/completions` request for one choice; vLLM's own names for its sampling extras."""
     p = row.params
     body = {
         "model": model, "prompt": list(row.prompt_ids), "max_tokens": p.max_tokens, "temperature": p.temperature,
         "top_p": p.top_p, "top_k": p.top_k if p.top_k > 0 else -1, "seed": p.seed, "n": 1,
         "logprobs": max(1, row.top_logprobs), "return_tokens_as_token_ids": True, "return_token_ids": True,
-        "stream": stream,
+        "stream": stream, "min_p": p.min_p, "min_tokens": p.min_tokens, "ignore_eos": p.ignore_eos,
+        "stop_token_ids": list(p.stop_token_ids), "include_stop_str_in_output": row.include_stop_str,
+        "skip_special_tokens": row.skip_special_tokens,
     }
     if row.stop:
         body["stop"] = list(row.stop)
+    if row.prompt_logprobs is not None:
+        body["prompt_logprobs"] = row.prompt_logprobs
     return body
+
+
+def parse_prompt_logprobs(entries: list[dict | None]) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs` ({"<id>": {"logprob", "rank", "decoded_token"}} per position) as ids -> (lp, rank)."""
+    return [None if e is None else {int(t): (float(v["logprob"]), v.get("rank")) for t, v in e.items()}
+            for e in entries]
 
 
 class _ChoiceParser:
@@ -81,6 +92,7 @@ class _ChoiceParser:
         self.top: list[list[tuple[int, float]]] = []
         self.returned_ids: list[int] | None = None
         self.finish_reason: str | None = None
+        self.prompt_logprobs: PromptLogprobs | None = None
 
     def add(self, choice: dict) -> None:
         lp = choice.get("logprobs") or {}
@@ -100,6 +112,8 @@ class _ChoiceParser:
             self.returned_ids = (self.returned_ids or []) + list(choice["token_ids"])
         if choice.get("finish_reason") is not None:
             self.finish_reason = choice["finish_reason"]
+        if choice.get("prompt_logprobs") is not None:
+            self.prompt_logprobs = parse_prompt_logprobs(choice["prompt_logprobs"])
 
     def result(self) -> RowResult:
         if self.returned_ids is not None and self.returned_ids != self.ids:
@@ -108,7 +122,7 @@ class _ChoiceParser:
             raise ShadowDistillError(f"vLLM finished a choice with {self.finish_reason!r}")
         kind = "raw" if self.row.params.temperature == 0 else "sampled"
         return RowResult(self.ids, self.logprobs, kind, self.finish_reason,
-                         self.top if self.row.top_logprobs else None)
+                         self.top if self.row.top_logprobs else None, self.prompt_logprobs)
 
 
 class VLLMEngine:
@@ -122,6 +136,7 @@ class VLLMEngine:
         self.base_model_id = base_model_id
         self.served_model = served_model
         self.max_model_len = max_model_len
+        self.eos_ids = eos_token_ids(tokenizer)  # the serving layer's text rule (vLLM decides when to stop)
         self.observer = observer
         self._admin_headers = {"Authorization": f"Bearer {admin_token or api_key}"} if (admin_token or api_key) else {}
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -36,6 +36,7 @@ API_KEY, ADMIN = "sk-sec-" + uuid.uuid4().hex, "adm-sec-" + uuid.uuid4().hex
 RANK = 4
 ERROR_KEYS = {"message", "type", "param", "code"}
 MB = 1 << 20
+END_USER = "end-user-" + uuid.uuid4().hex  # reaches the topic only as a salted hash
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def server(tiny_models, adapters, kafka_broker, tmp_path_factory):
            "--lora-rank", str(RANK), "--max-model-len", "128", "--max-tokens-limit", "32", "--default-max-tokens", "8", "--max-n", "2",
            "--max-choices", "4", "--kafka-bootstrap", kafka_broker.bootstrap, "--kafka-topic", topic,
            "--spool-dir", str(folder / "spool")]
-    env = {**os.environ, "SHADOW_DISTILL_ADMIN_TOKEN": ADMIN, "SHADOW_DISTILL_CALLER_SALT": "sec-salt"}
+    env = {**os.environ, "SHADOW_DISTILL_ADMIN_TOKEN": ADMIN, "SHADOW_DISTILL_CALLER_SALT": "sec-salt-0123456789abcdef"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
@@ -203,7 +204,7 @@ def test_no_raw_secret_in_the_server_log_or_on_the_topic(server):
     url, model = server["url"], server["model"]
     rid = f"sec-{uuid.uuid4().hex[:8]}"
     r = httpx.post(f"{url}/v1/chat/completions", headers={**auth(API_KEY), "X-Request-Id": rid}, timeout=60,
-                   json={"model": model, "max_tokens": 4, "user": "someone",
+                   json={"model": model, "max_tokens": 4, "user": END_USER,
                          "messages": [{"role": "user", "content": "what is the weather"}]})
     assert r.status_code == 200
     httpx.post(f"{url}/v1/load_lora_adapter", headers=auth(ADMIN), json={"lora_name": "x", "lora_path": "nope"})
@@ -211,7 +212,7 @@ def test_no_raw_secret_in_the_server_log_or_on_the_topic(server):
     httpx.get(f"{url}/v1/models", headers=auth(API_KEY + "typo"))
     values = _topic_values(server["bootstrap"], server["topic"], rid)
     assert any(rid.encode() in v for v in values), "the request was not logged: the check below would be empty"
-    secrets = [API_KEY, ADMIN, API_KEY[7:], ADMIN[8:]]  # also without their prefixes
+    secrets = [API_KEY, ADMIN, API_KEY[7:], ADMIN[8:], END_USER]  # also without their prefixes; the end user's id
     log = server["log"].read_text(errors="replace")
     assert "POST /v1/chat/completions" in log  # the log is the real access log
     for secret in secrets:

@@ -294,13 +294,13 @@ def test_fuzzed_bodies_never_get_a_server_error(server, model):
     statuses = set()
     with httpx.Client(base_url=server.url, headers=auth, timeout=30) as http:
         for i in range(160):
-            body = {"model": model, "max_tokens": 2}
-            body.update({"messages": [{"role": "user", "content": "hi"}], "prompt": "hi"})
+            route = "/v1/chat/completions" if i % 2 else "/v1/completions"
+            body = {"model": model, "max_tokens": 2}  # each route's own prompt field (the other one is unknown)
+            body.update({"messages": [{"role": "user", "content": "hi"}]} if i % 2 else {"prompt": "hi"})
             for field in rng.sample(FIELDS, rng.randint(1, 5)):
                 body[field] = _random_value(rng)
             if i % 10 == 0:
                 body = _random_value(rng)  # not even an object
-            route = "/v1/chat/completions" if i % 2 else "/v1/completions"
             response = http.post(route, json=body)
             assert response.status_code < 500, (route, body, response.text)
             statuses.add(response.status_code)

@@ -109,3 +109,20 @@ def test_the_published_schema_covers_every_route_with_its_body_and_auth(server):
     assert {"messages", "model", "temperature", "top_p", "max_tokens", "stop", "n", "seed", "logprobs",
             "top_logprobs", "user", "stream", "return_token_ids"} <= set(chat)
     json.dumps(doc)  # plain JSON, as a schema file would be
+
+
+def test_the_published_schema_declares_the_honoured_vllm_extras(server):
+    chat = httpx.get(f"{server.url}/openapi.json", timeout=10).json()["components"]["schemas"]["ChatCompletionRequest"]
+    extras = {"min_p", "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
+              "skip_special_tokens", "prompt_logprobs", "add_generation_prompt", "continue_final_message"}
+    assert extras - set(chat["properties"]) == set()
+
+
+def test_the_published_schema_admits_only_the_neutral_values_of_a_refused_field(server):
+    chat = httpx.get(f"{server.url}/openapi.json", timeout=10).json()["components"]["schemas"]["ChatCompletionRequest"]
+    assert chat["properties"]["tool_choice"]["anyOf"] == [{"type": "null"}, {"const": "none"}]
+
+
+def test_the_published_schema_refuses_unknown_fields(server):
+    chat = httpx.get(f"{server.url}/openapi.json", timeout=10).json()["components"]["schemas"]["ChatCompletionRequest"]
+    assert chat["additionalProperties"] is False

@@ -89,6 +89,32 @@ def test_gateway_results_equal_what_the_embedded_engine_logged(upstream, gateway
     assert out.rows[3].finish_reason in ("stop", "length")
 
 
+EXTRA_ROWS = [
+    RowRequest(PROMPT, DecodeParams(max_tokens=8, temperature=1.0, seed=201, min_p=0.05, min_tokens=3)),
+    RowRequest(PROMPT, DecodeParams(max_tokens=8, temperature=0.0, seed=202, ignore_eos=True, stop_token_ids=(7,)),
+               include_stop_str=True, skip_special_tokens=False),
+    RowRequest(PROMPT, DecodeParams(max_tokens=2, temperature=0.0, seed=203), prompt_logprobs=3),
+]
+
+
+def test_gateway_passes_vllms_sampling_extras_through(upstream, gateway):
+    out = gateway.submit(EXTRA_ROWS).future.result(60)
+    logged_ids = [upstream_log(upstream, row).completion_token_ids for row in EXTRA_ROWS]
+    assert [res.completion_ids for res in out.rows] == logged_ids
+
+
+def test_the_server_behind_the_gateway_records_the_extras(upstream, gateway):
+    gateway.submit(EXTRA_ROWS[:1]).future.result(60)
+    sampling = upstream_log(upstream, EXTRA_ROWS[0]).sampling
+    assert (sampling.min_p, sampling.min_tokens) == (0.05, 3)
+
+
+def test_gateway_reads_prompt_logprobs(upstream, gateway):
+    res = gateway.submit(EXTRA_ROWS[2:]).future.result(60).rows[0]
+    assert [entry is None or tok in entry for entry, tok in zip(res.prompt_logprobs, PROMPT, strict=True)] == [
+        True] * len(PROMPT)
+
+
 def test_streamed_gateway_rows_equal_non_streamed_ones(gateway):
     events = []
     lock = threading.Lock()

@@ -12,10 +12,11 @@ from model_runtime.sampling import DecodeParams
 from serving.api_server import parse_args
 from serving.auth import AdminToken, KeyStore, bearer, hash_key
 from serving.config import ServingConfig
-from serving.engine_base import RowResult
-from serving.protocol import ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest
+from serving.engine_base import RowRequest, RowResult
+from serving.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, LoadLoRAAdapterRequest, StreamOptions
 from serving.routes import validation_error
 from serving.trajectories import MemorySink, build_trajectory, caller_hash, submit_all
+from serving.vllm_engine import completion_body, parse_prompt_logprobs
 from foundation.errors import ConfigError
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -66,12 +67,107 @@ def test_chat_request_rejects_out_of_range_and_unsupported_values(extra, param):
     assert (err.error.param or "").startswith(param)
 
 
-def test_unknown_and_neutral_fields_are_accepted_like_openai():
-    req = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "frequency_penalty": 0,
-                                                "presence_penalty": 0, "logit_bias": {}, "parallel_tool_calls": True,
-                                                "metadata": {"a": 1}, "max_completion_tokens": 7, "max_tokens": 9})
-    assert req.requested_max_tokens == 7  # max_completion_tokens wins, as in OpenAI
-    assert req.stop_strings == ()
+def test_max_completion_tokens_wins_over_max_tokens_as_in_openai():
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "max_completion_tokens": 7,
+                                                "max_tokens": 9})
+    assert req.requested_max_tokens == 7
+
+
+def refused_fields(model) -> list[str]:
+    return [name for name, f in model.model_fields.items() if (f.description or "").startswith("Refused unless")]
+
+
+NOT_NEUTRAL = {"not": "neutral"}  # no refused field takes an object like this as its neutral value
+REFUSALS = ([("chat", f) for f in refused_fields(ChatCompletionRequest)]
+            + [("completion", f) for f in refused_fields(CompletionRequest)]
+            + [("message", f) for f in refused_fields(ChatMessage)]
+            + [("stream_options", f) for f in refused_fields(StreamOptions)])
+
+
+def refused_param(route: str, field: str) -> str | None:
+    """The `param` of the 400 a request with `field` set to a non-neutral value gets."""
+    body = {"model": "m", "messages": [dict(MSG[0])], "prompt": "x"}
+    if route == "message":
+        body["messages"][0][field], field = NOT_NEUTRAL, f"messages.0.{field}"
+    elif route == "stream_options":
+        body["stream_options"], field = {field: NOT_NEUTRAL}, f"stream_options.{field}"
+    else:
+        body[field] = NOT_NEUTRAL
+    model = CompletionRequest if route == "completion" else ChatCompletionRequest
+    if model is CompletionRequest:
+        body.pop("messages")
+    else:
+        body.pop("prompt")
+    try:
+        model.model_validate(body)
+    except ValidationError as exc:
+        return validation_error(exc).error.param
+    return None
+
+
+@pytest.mark.parametrize("route, field", REFUSALS, ids=[f"{r}-{f}" for r, f in REFUSALS])
+def test_every_field_this_server_cannot_honour_is_refused_by_name(route, field):
+    expected = {"message": f"messages.0.{field}", "stream_options": f"stream_options.{field}"}.get(route, field)
+    assert refused_param(route, field) == expected
+
+
+def test_the_refused_fields_include_the_ones_once_silently_ignored():
+    once_ignored = {"tool_choice", "functions", "function_call", "parallel_tool_calls", "repetition_penalty",
+                    "response_format", "guided_json", "structured_outputs", "chat_template", "chat_template_kwargs"}
+    assert once_ignored - set(refused_fields(ChatCompletionRequest)) == set()
+
+
+NEUTRAL = [("tools", []), ("tool_choice", "none"), ("functions", []), ("function_call", "none"),
+           ("response_format", {"type": "text"}), ("repetition_penalty", 1), ("repetition_penalty", 1.0),
+           ("frequency_penalty", 0), ("presence_penalty", 0.0), ("logit_bias", {}), ("store", False),
+           ("service_tier", "auto"), ("modalities", ["text"]), ("echo", False), ("add_special_tokens", False),
+           ("metadata", {"team": "a"}), ("prompt_cache_key", "k"), ("include_reasoning", True)]
+
+
+@pytest.mark.parametrize("field, value", NEUTRAL, ids=[f"{f}={v}" for f, v in NEUTRAL])
+def test_neutral_values_of_refused_fields_are_accepted(field, value):
+    assert getattr(ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, field: value}), field) == value
+
+
+def test_a_previous_answer_replayed_as_an_assistant_message_is_accepted():
+    replayed = {"role": "assistant", "content": "hi", "refusal": None, "tool_calls": None, "function_call": None,
+                "audio": None, "annotations": []}
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [*MSG, replayed, *MSG]})
+    assert req.messages[1].text() == "hi"
+
+
+def chat_param(fields: dict) -> str | None:
+    """The `param` of the 400 a chat request with `fields` gets (None: it is valid)."""
+    try:
+        ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, **fields})
+    except ValidationError as exc:
+        return validation_error(exc).error.param
+    return None
+
+
+def test_true_is_not_the_neutral_one_of_a_penalty():
+    assert chat_param({"repetition_penalty": True}) == "repetition_penalty"
+
+
+@pytest.mark.parametrize("body", [{"frobnicate": 1}, {"messages": [{"role": "user", "content": "x", "colour": 1}]}])
+def test_a_field_neither_openai_nor_vllm_defines_is_an_unknown_parameter(body):
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, **body})
+    err = validation_error(info.value).error
+    assert (err.code, err.param) == ("unknown_parameter", "frobnicate" if "frobnicate" in body else "messages.0.colour")
+
+
+def test_continue_final_message_and_add_generation_prompt_exclude_each_other():
+    assert chat_param({"add_generation_prompt": True, "continue_final_message": True}) == "continue_final_message"
+
+
+def test_continuing_the_final_message_drops_the_generation_prompt_by_default():
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "continue_final_message": True})
+    assert req.generation_prompt is False
+
+
+def test_safety_identifier_and_user_must_name_one_end_user():
+    assert chat_param({"user": "a", "safety_identifier": "b"}) == "safety_identifier"
 
 
 def test_completion_prompt_forms_and_refusals():
@@ -80,6 +176,21 @@ def test_completion_prompt_forms_and_refusals():
                 {"prompt": "x", "logprobs": 21}, {"prompt": [1.5]}):
         with pytest.raises(ValidationError):
             CompletionRequest.model_validate({"model": "m", **bad})
+
+
+def test_the_gateway_sends_vllms_extras_under_vllms_own_names():
+    row = RowRequest((1, 2), DecodeParams(max_tokens=4, min_p=0.1, min_tokens=2, ignore_eos=True, stop_token_ids=(9,)),
+                     include_stop_str=True, skip_special_tokens=False, prompt_logprobs=3)
+    body = completion_body(row, "m", stream=False)
+    assert {k: body[k] for k in ("min_p", "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
+                                 "skip_special_tokens", "prompt_logprobs")} == {
+        "min_p": 0.1, "min_tokens": 2, "ignore_eos": True, "stop_token_ids": [9], "include_stop_str_in_output": True,
+        "skip_special_tokens": False, "prompt_logprobs": 3}
+
+
+def test_the_gateway_reads_vllms_prompt_logprobs():
+    entries = [None, {"5": {"logprob": -0.5, "rank": 1, "decoded_token": "a"}}]
+    assert parse_prompt_logprobs(entries) == [None, {5: (-0.5, 1)}]
 
 
 def test_lora_name_must_be_a_safe_version_string():
