@@ -1,8 +1,9 @@
 """Prometheus metrics of the endpoint, on a registry of its own (several apps can live in one process).
 
 Requests by route template and status, latency, generated tokens, batch sizes and trajectories withheld by a
-redaction pattern (per pattern) are observed as they happen; the shadow log's counters (the sink's `stats()`), the adapter watcher's counters, the engine queue
-depth and the active adapter version (a labelled gauge) are read at scrape time.
+redaction pattern (per pattern) are observed as they happen; the shadow log's counters (the sink's `stats()`),
+the adapter watcher's counters, the engine queue depth and the active adapter version (a labelled gauge) are
+read at scrape time.
 
     curl -s 127.0.0.1:8000/metrics | grep shadow_
 """

@@ -7,7 +7,8 @@ declared here as `Refused`: null, or a neutral value that asks for nothing (`too
 `response_format: {"type": "text"}`, `repetition_penalty: 1`), is accepted, so a client that spells out the
 defaults is served; anything else is a 400 with `param` = the field. A few OpenAI fields only steer OpenAI's own
 infrastructure (`metadata`, `prompt_cache_key`, ...); they cannot change an answer and are `NoEffect`. Any other
-field is refused as OpenAI refuses it ("Unrecognized request argument supplied"): requests are `extra="forbid"`.
+field is refused as OpenAI refuses it (400 `unknown_parameter`, "Unknown parameter: 'x'."): requests are
+`extra="forbid"`.
 
 The honoured fields are declared on the request models themselves (serving.protocol).
 """

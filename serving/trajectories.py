@@ -163,7 +163,8 @@ class TrajectoryLog:
         created = datetime.now(UTC)
 
         def task() -> None:
-            hashes = {"caller": caller_hash(caller_name, self.salt), "user": user_hash(caller_name, end_user, self.salt)}
+            hashes = {"caller": caller_hash(caller_name, self.salt),
+                      "user": user_hash(caller_name, end_user, self.salt)}
             fields = [self._fields(request_id, k, row, res, adapter_version, created, hashes)
                       for k, (row, res) in enumerate(zip(rows, results, strict=True))]
             submit_all(self.sink, [f for f in fields if f is not None])

@@ -12,7 +12,9 @@ For greedy requests vLLM returns the model's own logprobs, which is this project
 The gateway tokenizes itself (chat template, in the API layer), so it sends token-id prompts to vLLM's
 `/v1/completions`, one request per choice (each with its own seed), asking for `logprobs`,
 `return_tokens_as_token_ids` (tokens come back as `token_id:N`, the ids it logs) and `return_token_ids`
-(vLLM >= 0.10; checked against the former when present). Adapters are loaded with vLLM's
+(vLLM >= 0.10; checked against the former when present). vLLM's own sampling extras (`min_p`, `min_tokens`,
+`ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`, `skip_special_tokens`, `prompt_logprobs`) go
+through under vLLM's names, so both engines honour the same fields. Adapters are loaded with vLLM's
 `POST /v1/load_lora_adapter` under their version as `lora_name` (the path must be readable by the vLLM
 server); the previous adapter is unloaded only once the requests using it have finished, so a swap fails
 no request. The embedded server exposes the same endpoints, which is how the contract test checks this

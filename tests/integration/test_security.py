@@ -73,7 +73,8 @@ def server(tiny_models, adapters, kafka_broker, tmp_path_factory):
            "--lora-rank", str(RANK), "--max-model-len", "128", "--max-tokens-limit", "32", "--default-max-tokens", "8", "--max-n", "2",
            "--max-choices", "4", "--kafka-bootstrap", kafka_broker.bootstrap, "--kafka-topic", topic,
            "--spool-dir", str(folder / "spool")]
-    env = {**os.environ, "SHADOW_DISTILL_ADMIN_TOKEN": ADMIN, "SHADOW_DISTILL_CALLER_SALT": "sec-salt-0123456789abcdef"}
+    env = {**os.environ, "SHADOW_DISTILL_ADMIN_TOKEN": ADMIN,
+           "SHADOW_DISTILL_CALLER_SALT": "sec-salt-0123456789abcdef"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)

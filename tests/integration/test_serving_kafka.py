@@ -73,7 +73,8 @@ def test_cli_server_serves_with_a_key_and_flushes_the_shadow_log_on_sigterm(tiny
            "--kafka-topic", topic, "--spool-dir", str(tmp_path / "spool"), "--max-tokens-limit", "32",
            "--default-max-tokens", "4"]
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen(cmd, cwd=repo, env={**os.environ, "SHADOW_DISTILL_CALLER_SALT": "cli-salt-0123456789abcdef"},
+    salt = {"SHADOW_DISTILL_CALLER_SALT": "cli-salt-0123456789abcdef"}
+    proc = subprocess.Popen(cmd, cwd=repo, env={**os.environ, **salt},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_port("127.0.0.1", port, timeout_s=60)

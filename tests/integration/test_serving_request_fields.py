@@ -88,7 +88,7 @@ def eos_sample(server) -> tuple[int, int]:
     raise AssertionError("no seed of 64 samples EOS before its last token")
 
 
-# ---- user, safety_identifier ----------------------------------------------------------------------------------
+# ---- user, safety_identifier -----------------------------------------------------------------------------------------
 
 
 def test_user_is_logged_as_its_salted_hash_scoped_to_the_key(server, http):
@@ -117,7 +117,7 @@ def test_a_request_without_a_user_logs_no_user_hash(server, http):
     assert trajs[0].user_hash is None
 
 
-# ---- a message's name ---------------------------------------------------------------------------------------------
+# ---- a message's name ------------------------------------------------------------------------------------------------
 
 
 def test_a_name_the_chat_template_does_not_render_is_refused_by_name(server, http):
@@ -149,7 +149,7 @@ def test_the_logged_prompt_of_a_named_message_is_the_prompt_the_model_saw(named_
     assert trajs[0].prompt_token_ids == response.json()["prompt_token_ids"]
 
 
-# ---- min_p ------------------------------------------------------------------------------------------------------------
+# ---- min_p -----------------------------------------------------------------------------------------------------------
 
 
 def test_min_p_one_keeps_only_the_top_token(server, http):
@@ -168,7 +168,7 @@ def test_a_min_p_trajectory_is_not_rule_one(server, http):
     assert trajs[0].sampling.is_untruncated_temperature_one is False
 
 
-# ---- stop_token_ids, min_tokens, ignore_eos ---------------------------------------------------------------------------
+# ---- stop_token_ids, min_tokens, ignore_eos --------------------------------------------------------------------------
 
 
 def test_a_stop_token_id_ends_the_choice_at_that_token(server, http, first_greedy_token):
@@ -220,7 +220,7 @@ def test_ignore_eos_is_recorded_and_is_not_rule_one(server, http, eos_sample):
     assert (trajs[0].sampling.ignore_eos, trajs[0].sampling.is_untruncated_temperature_one) == (True, False)
 
 
-# ---- text: skip_special_tokens, include_stop_str_in_output ----------------------------------------------------------
+# ---- text: skip_special_tokens, include_stop_str_in_output -----------------------------------------------------------
 
 
 def test_skip_special_tokens_false_shows_special_tokens(server, http, eos_sample):
@@ -265,7 +265,7 @@ def test_include_stop_str_in_output_keeps_a_stop_tokens_text(server, http, first
     assert response.json()["choices"][0]["message"]["content"] == text
 
 
-# ---- prompt_logprobs ------------------------------------------------------------------------------------------------
+# ---- prompt_logprobs -------------------------------------------------------------------------------------------------
 
 
 def test_prompt_logprobs_cover_every_prompt_token(server, http):

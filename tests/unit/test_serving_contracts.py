@@ -13,7 +13,13 @@ from serving.api_server import parse_args
 from serving.auth import AdminToken, KeyStore, bearer, hash_key
 from serving.config import ServingConfig
 from serving.engine_base import RowRequest, RowResult
-from serving.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, LoadLoRAAdapterRequest, StreamOptions
+from serving.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    LoadLoRAAdapterRequest,
+    StreamOptions,
+)
 from serving.routes import validation_error
 from serving.trajectories import MemorySink, build_trajectory, caller_hash, submit_all
 from serving.vllm_engine import completion_body, parse_prompt_logprobs
@@ -43,6 +49,13 @@ def test_cli_flags_map_onto_config_fields():
     assert (cfg.max_batch_size, cfg.log_texts, cfg.port, cfg.model_dir) == (4, False, 9, Path("/m"))
     with pytest.raises(SystemExit):
         parse_args(["--model-dir", "/m", "--max-batch-size", "zero"])
+
+
+def test_cli_flags_carry_the_privacy_and_limit_settings():
+    cfg = parse_args(["--model-dir", "/m", "--redact-patterns", '{"email": "@"}', "--dev-mode",
+                      "--caller-salt-file", "/s", "--rate-limit-replicas", "3"])
+    assert (cfg.redact_patterns, cfg.dev_mode, cfg.caller_salt_file, cfg.rate_limit_replicas) == (
+        {"email": "@"}, True, Path("/s"), 3)
 
 
 # ---- wire models ------------------------------------------------------------------------------------------

@@ -49,6 +49,10 @@ ANSWERS = [
     ("completion", COMPLETION, {"prompt": "The sea", "max_tokens": 3}, "CreateCompletionResponse"),
     ("completion-logprobs-batch", COMPLETION, {"prompt": ["The sea", "A fox"], "n": 2, "max_tokens": 3,
                                                "logprobs": 2}, "CreateCompletionResponse"),
+    ("completion-vllm-extras", COMPLETION, {"prompt": "The sea", "max_tokens": 3, "prompt_logprobs": 1,
+                                            "min_p": 0.1, "return_token_ids": True}, "CreateCompletionResponse"),
+    ("chat-vllm-extras", CHAT, {"messages": MESSAGES, "max_tokens": 3, "prompt_logprobs": 1, "min_tokens": 1,
+                                "return_token_ids": True}, "CreateChatCompletionResponse"),
 ]
 
 
@@ -90,6 +94,8 @@ ERRORS = [
     ("no-key", "GET", "/v1/models", {}, {}),
     ("wrong-key", "POST", CHAT, {"json": {"messages": MESSAGES}}, {"Authorization": "Bearer sk-wrong"}),
     ("unknown-route", "GET", "/v1/nothing", {}, None),
+    ("refused-field", "POST", CHAT, {"json": {"messages": MESSAGES, "tools": [{"type": "function"}]}}, None),
+    ("unknown-field", "POST", COMPLETION, {"json": {"prompt": "x", "frobnicate": 1}}, None),
     ("wrong-method", "DELETE", CHAT, {}, None),
 ]
 

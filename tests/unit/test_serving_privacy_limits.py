@@ -23,7 +23,7 @@ def config(**kwargs) -> ServingConfig:
     return ServingConfig(model_dir=Path("/m"), **kwargs)
 
 
-# ---- the caller salt ----------------------------------------------------------------------------------------------
+# ---- the caller salt -------------------------------------------------------------------------------------------------
 
 
 def test_the_salt_variable_wins_when_set(tmp_path):
@@ -75,7 +75,7 @@ def test_dev_mode_hashes_with_a_random_salt_of_the_process_and_writes_nothing(tm
     assert (len(salts), list(tmp_path.iterdir())) == (2, [])
 
 
-# ---- redaction ------------------------------------------------------------------------------------------------------
+# ---- redaction -------------------------------------------------------------------------------------------------------
 
 PATTERNS = {"email": r"[\w.+-]+@[\w-]+\.[\w.]+", "phone": r"\+?\d[\d ()-]{7,}\d"}
 
@@ -104,7 +104,7 @@ def test_patterns_can_come_as_json_from_a_flag():
     assert config(redact_patterns=json.dumps(PATTERNS)).redact_patterns == PATTERNS
 
 
-# ---- keys file limits -------------------------------------------------------------------------------------------------
+# ---- keys file limits ------------------------------------------------------------------------------------------------
 
 
 def test_the_keys_file_carries_per_key_limits(tmp_path):
@@ -122,7 +122,7 @@ def test_a_zero_limit_is_a_config_error(tmp_path):
         KeyStore.from_file(path)
 
 
-# ---- the rate limiter -------------------------------------------------------------------------------------------------
+# ---- the rate limiter ------------------------------------------------------------------------------------------------
 
 
 class Clock:
