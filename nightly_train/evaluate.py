@@ -44,15 +44,24 @@ def distinct_n(token_lists: Sequence[Sequence[int]], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def _mean_and_se(per_prompt: list[torch.Tensor]) -> tuple[float, float, int]:
-    """Token-weighted mean; standard error over prompts (tokens of one sample are not independent)."""
+def token_weighted_mean_and_se(per_prompt: list[torch.Tensor]) -> tuple[float, float, int]:
+    """(token-weighted mean, its standard error, tokens) of per-token values grouped by prompt.
+
+    The mean is a ratio sum(S_i) / sum(n_i) over prompts i (S_i = sum of prompt i's values, n_i its tokens); its
+    standard error is the ratio estimator's, sqrt(sum_i (S_i - mean * n_i)^2 / (k (k - 1))) / mean(n_i), with prompts
+    as the independent units (tokens of one sample are not independent). With equal n_i it is the usual standard
+    error of the per-prompt means."""
     rows = [x for x in per_prompt if x.numel()]
     if not rows:
         return float("nan"), float("nan"), 0
-    n_tokens = sum(x.numel() for x in rows)
-    mean = float(torch.cat(rows).sum() / n_tokens)
-    prompt_means = torch.tensor([float(x.mean()) for x in rows])
-    se = float(prompt_means.std(unbiased=True) / math.sqrt(len(rows))) if len(rows) > 1 else float("nan")
+    sums = torch.tensor([float(x.double().sum()) for x in rows], dtype=torch.float64)
+    counts = torch.tensor([x.numel() for x in rows], dtype=torch.float64)
+    n_tokens, k = int(counts.sum()), len(rows)
+    mean = float(sums.sum() / counts.sum())
+    if k < 2:
+        return mean, float("nan"), n_tokens
+    residual = sums - mean * counts
+    se = math.sqrt(float((residual ** 2).sum()) / (k * (k - 1))) / float(counts.mean())
     return mean, se, n_tokens
 
 
@@ -62,32 +71,38 @@ def _samples(model, prompts, pad_id, eos, max_tokens, seed, temperature=1.0) -> 
 
 
 def kl_on_samples(sampler, other, prompts: list[list[int]], pad_id: int, eos: set[int], *, max_tokens: int,
-                  seed: int, batch_size: int = 8) -> tuple[float, float, int, list[list[int]]]:
-    """Monte-Carlo KL(sampler || other) per token on the sampler's own temperature-1 samples."""
+                  seed: int, batch_size: int = 8, sampler_temperature: float = 1.0, other_temperature: float = 1.0
+                  ) -> tuple[float, float, int, list[list[int]]]:
+    """Monte-Carlo KL(sampler_T1 || other_T2) per token on the sampler's own samples, each model's distribution
+    being softmax(logits / its temperature) (the teacher at the temperature the student was trained towards)."""
     per_prompt, completions = [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        comps = _samples(sampler, chunk, pad_id, eos, max_tokens, seed + start)
+        comps = _samples(sampler, chunk, pad_id, eos, max_tokens, seed + start, sampler_temperature)
         keep = [i for i, c in enumerate(comps) if c]
         completions.extend(comps)
         if not keep:
             continue
         ps, cs = [chunk[i] for i in keep], [comps[i] for i in keep]
-        lp_self = completion_logprobs(sampler, ps, cs, pad_id)
-        lp_other = completion_logprobs(other, ps, cs, pad_id)
+        lp_self = completion_logprobs(sampler, ps, cs, pad_id, temperature=sampler_temperature)
+        lp_other = completion_logprobs(other, ps, cs, pad_id, temperature=other_temperature)
         per_prompt.extend(a.logprobs_C - b.logprobs_C for a, b in zip(lp_self, lp_other))
-    mean, se, n = _mean_and_se(per_prompt)
+    mean, se, n = token_weighted_mean_and_se(per_prompt)
     return mean, se, n, completions
 
 
 @torch.no_grad()
 def evaluate_distillation(student, teacher, tokenizer, prompts: list[list[int]], *, max_tokens: int = 96,
-                          seed: int = 0, greedy_prompt: str | None = None) -> DistillMetrics:
+                          seed: int = 0, greedy_prompt: str | None = None,
+                          teacher_temperature: float = 1.0) -> DistillMetrics:
+    """Reverse and forward KL against the teacher at `teacher_temperature` (what training matched the student to)."""
     was_training = student.training
     student.eval()
     pad_id, eos = tokenizer.pad_token_id, eos_token_ids(tokenizer, student)
-    rkl, rkl_se, n_tokens, own = kl_on_samples(student, teacher, prompts, pad_id, eos, max_tokens=max_tokens, seed=seed)
-    fkl, fkl_se, _, _ = kl_on_samples(teacher, student, prompts, pad_id, eos, max_tokens=max_tokens, seed=seed + 10_000)
+    rkl, rkl_se, n_tokens, own = kl_on_samples(student, teacher, prompts, pad_id, eos, max_tokens=max_tokens, seed=seed,
+                                               other_temperature=teacher_temperature)
+    fkl, fkl_se, _, _ = kl_on_samples(teacher, student, prompts, pad_id, eos, max_tokens=max_tokens, seed=seed + 10_000,
+                                      sampler_temperature=teacher_temperature)
     greedy = ""
     if greedy_prompt is not None:
         greedy = greedy_generate_fn(student, tokenizer, max_tokens)([greedy_prompt])[0]

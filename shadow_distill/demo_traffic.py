@@ -7,7 +7,6 @@ prompts the nightly run never trained on.
 
 from __future__ import annotations
 
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -87,12 +86,9 @@ def traffic_reverse_kl(store, teacher_id: str, start, end) -> tuple[float, float
     """
     ids = store.scored_ids(teacher_id, start, end)
     rows = [t for t in store.load_scored(ids, teacher_id) if t.sampling.is_untruncated_temperature_one]
-    per = [(t.behaviour_logprobs_C - t.teacher.teacher_logprobs_C) for t in rows if len(t.completion_ids)]
-    if not per:
-        return float("nan"), float("nan"), 0
-    n_tokens = sum(len(x) for x in per)
-    mean = float(sum(float(x.sum()) for x in per) / n_tokens)
-    means = [float(x.mean()) for x in per]
-    mu = sum(means) / len(means)
-    se = math.sqrt(sum((m - mu) ** 2 for m in means) / max(len(means) - 1, 1) / len(means))
-    return mean, se, n_tokens
+    import torch
+
+    from nightly_train.evaluate import token_weighted_mean_and_se
+
+    per = [torch.from_numpy(t.behaviour_logprobs_C - t.teacher.teacher_logprobs_C) for t in rows]
+    return token_weighted_mean_and_se(per)
