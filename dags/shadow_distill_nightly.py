@@ -62,12 +62,11 @@ def shadow_distill_nightly():
     def wait_for_coverage() -> PokeReturnValue:
         from nightly_train import pipeline
 
-        night = _night()
-        covered = pipeline.coverage(night)
-        return PokeReturnValue(is_done=covered >= night.cfg.coverage_threshold, xcom_value=covered)
+        complete, seen = pipeline.window_complete(_night())
+        return PokeReturnValue(is_done=complete, xcom_value=seen)
 
     @task.short_circuit(ignore_downstream_trigger_rules=False)
-    def enough_traffic(_coverage: float) -> bool:
+    def enough_traffic(_seen: dict) -> bool:
         from nightly_train import pipeline
 
         return pipeline.enough_traffic(_night())

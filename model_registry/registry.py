@@ -59,9 +59,10 @@ TAG_APPROVED_BY = "approved_by"
 TAG_APPROVED_AT = "approved_at"
 TAG_ROLLED_BACK_BY = "rolled_back_by"
 TAG_ROLLED_BACK_AT = "rolled_back_at"
+TAG_PARENT = "parent_version"  # the champion a version was trained from; "" = the student base
 AUDIT_PREFIX = "audit."
 RESERVED_TAGS = frozenset({TAG_GATE_PASSED, TAG_INTERVAL_KEY, TAG_APPROVED_BY, TAG_APPROVED_AT,
-                           TAG_ROLLED_BACK_BY, TAG_ROLLED_BACK_AT})
+                           TAG_ROLLED_BACK_BY, TAG_ROLLED_BACK_AT, TAG_PARENT})
 
 _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
 _SECRET_KEY = re.compile(r"secret|passw|api[_.-]?key|access[_.-]?key|private[_.-]?key|credential|auth[_.-]?token"
@@ -197,6 +198,23 @@ class Registry:
     def audit_trail(self, version: str | int) -> list[dict[str, Any]]:
         return audit_entries(self.version(version).tags)
 
+    def lineage_parents(self) -> dict[str, str | None]:
+        """Every version's parent in the lineage tree: the champion it was trained from (None = the student base).
+
+        Read from the version's `parent_version` tag; versions registered before that tag existed fall back to
+        their run's `champion_version` tag."""
+        out: dict[str, str | None] = {}
+        for mv in self._client.search_model_versions(f"name = '{self.model_name}'"):
+            tags = dict(mv.tags or {})
+            parent = tags.get(TAG_PARENT)
+            if parent is None and mv.run_id:
+                try:
+                    parent = self._client.get_run(mv.run_id).data.tags.get("champion_version")
+                except MlflowException:
+                    parent = None
+            out[str(mv.version)] = parent or None
+        return out
+
     def model_audit_trail(self) -> list[dict[str, Any]]:
         """Alias moves of the registered model (`{"alias", "from", "to"}` in details), oldest first."""
         state = self._model_state()
@@ -205,8 +223,11 @@ class Registry:
     # -- pipeline --
 
     def register_candidate(self, run_id: str, *, tags: dict[str, str], gate_passed: bool, interval_key: str,
-                           artifact_path: str = ADAPTER_ARTIFACT) -> VersionInfo:
+                           artifact_path: str = ADAPTER_ARTIFACT, parent_version: str | None = None) -> VersionInfo:
         """Register the run's adapter as a new version; alias `candidate` only when the gate passed.
+
+        `parent_version` is the champion the adapter was trained from (None = the student base): the lineage tree
+        the trainer measures a sample's staleness in.
 
         Idempotent per `interval_key`: when a version carries it already, that version is returned and nothing
         new is created (only an interrupted `candidate` move is completed).
@@ -224,6 +245,7 @@ class Registry:
 
         source = self._adapter_source(run_id, artifact_path)
         all_tags = {**tags, TAG_GATE_PASSED: "true" if gate_passed else "false", TAG_INTERVAL_KEY: interval_key,
+                    TAG_PARENT: parent_version or "",
                     audit_key(1): audit_entry("register", PIPELINE_IDENTITY, utc_now(),
                                               {"run_id": run_id, "interval_key": interval_key,
                                                "gate_passed": gate_passed, "source": source})}

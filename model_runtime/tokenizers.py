@@ -51,3 +51,19 @@ def folder_fingerprint(folder: str | Path) -> str:
     """The fingerprint of the tokenizer saved in `folder` (a model folder or a tokenizer-only folder), loaded
     once per process."""
     return _folder_fingerprint(str(Path(folder).expanduser().resolve()))
+
+
+def require_shared_tokenizer(student_folder: str | Path, teacher_fingerprint: str, teacher: str) -> str:
+    """The student's fingerprint, once checked equal to the teacher's; else a `ConfigError` naming both sides.
+
+    The scorer (at start-up) and the trainer (before a night) both refuse a teacher that does not share the
+    student's tokenizer: its logprobs of the student's token ids would score other tokens."""
+    from foundation.errors import ConfigError
+
+    student_fp = folder_fingerprint(student_folder)
+    if teacher_fingerprint != student_fp:
+        raise ConfigError(
+            f"teacher {teacher} (tokenizer fingerprint {teacher_fingerprint}) does not share the student's tokenizer "
+            f"({student_folder}, fingerprint {student_fp}): its logprobs would score other tokens than the "
+            "student produced")
+    return student_fp

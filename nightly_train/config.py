@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 
 from foundation.config import StrictConfig
 from nightly_train.gate import GatePolicy
+from schemas.trajectory import DEFAULT_TOPIC
 
 
 class LoraSettings(StrictConfig):
@@ -37,8 +38,9 @@ class ImportanceSettings(StrictConfig):
     ratio_max: float = Field(2.0, gt=1.0, description="Truncation level of the importance ratio.")
     clip_eps: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range.")
     max_staleness: int = Field(
-        3, ge=0, description="Rule-1 samples produced by an adapter more than this many versions older than "
-                             "the one being trained are dropped (their states can still serve rule 2).")
+        3, ge=0, description="Rule-1 samples produced by an adapter more than this many steps away in the "
+                             "registry's lineage tree are not importance-weighted (their states still serve "
+                             "rule 2 and rollouts); samples of an adapter the registry does not know never are.")
 
 
 class RolloutSettings(StrictConfig):
@@ -100,8 +102,6 @@ class TrainConfig(TrainSettings):
     teacher_dir: Path | None = Field(None, description="Teacher model folder, needed in-process for fresh "
                                                        "rollouts, GKD and the evaluators.")
     init_adapter: Path | None = Field(None, description="Adapter to continue from (the current champion).")
-    current_version: int = Field(0, ge=0, description="Registry version of `init_adapter` (0 = base): "
-                                                      "staleness of a sample = current - its adapter version.")
     output_dir: Path = Field(description="Where checkpoints and the final adapter are written.")
 
     @classmethod
@@ -113,8 +113,6 @@ class TrainConfig(TrainSettings):
     def _needs_teacher(self) -> TrainConfig:
         if (self.rollouts.enabled or self.gkd.enabled) and self.teacher_dir is None:
             raise ValueError("rollouts and gkd need teacher_dir: the teacher scores them in-process")
-        if self.init_adapter is None and self.current_version != 0:
-            raise ValueError(f"current_version={self.current_version} but no init_adapter")
         return self
 
 
@@ -142,7 +140,14 @@ class NightlyConfig(StrictConfig):
     teacher_id: str = Field(min_length=1, description="Whose stored scores to train on.")
     runs_dir: Path = Field(description="Working folders, one per interval (checkpoints, adapters, reports).")
     experiment: str = Field("shadow-distill-nightly", min_length=1, description="MLflow experiment of the runs.")
-    coverage_threshold: float = Field(0.99, gt=0.0, le=1.0, description="Scored fraction to wait for.")
+    coverage_threshold: float = Field(0.99, gt=0.0, le=1.0, description="Scored (or refused) fraction of the "
+                                                                      "window's landed trajectories to wait for.")
+    log_topic: str = Field(DEFAULT_TOPIC, min_length=1, description="Kafka topic the scorer lands trajectories from.")
+    scorer_group: str = Field("shadow-scoring", min_length=1, description="Consumer group of the scorer whose "
+                                                                           "progress says how far the log was read.")
+    allowed_lateness_s: float = Field(300.0, ge=0.0, description=(
+        "A window counts as seen once every partition of the log was read past its end plus this much (event "
+        "time), or found caught up that long after it: covers a serving spool that replays after an outage."))
     min_trajectories: int = Field(8, ge=1, description="Fewer scored trajectories than this: skip the night.")
     heldout_percent: int = Field(20, ge=1, le=90, description="Share of trajectories held out, by id hash.")
     min_heldout: int = Field(2, ge=1, description="Held-out trajectories kept even when the share rounds lower "

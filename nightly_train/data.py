@@ -1,12 +1,18 @@
 """From scored trajectories to training examples: which rule of DESIGN.md each trajectory can teach.
 
-- `sampled_is` (rule 1): sampled at temperature 1 without truncation, by a policy at most `max_staleness`
-  versions old. Trained with the importance-sampled reverse-KL advantage on the logged tokens.
-- `topk_analytic` (rule 2): any decoding, any age, when the teacher's top-k is stored: analytic reverse KL per
-  visited state. Also chosen for every trajectory when the configured loss is a top-k loss.
-- excluded: greedy / low-temperature / truncated samples without stored top-k (their behaviour distribution is
-  not the model's, so an importance ratio against it is meaningless), or stale samples without top-k. They are
-  counted, never silently dropped; fresh rollouts (rule 3) are how such prompts still teach.
+- `sampled_is` (rule 1): sampled at temperature 1 without truncation, by a policy whose distance from the one being
+  trained is known and at most `max_staleness`. Trained with the current-policy reverse-KL advantage on the logged
+  tokens, importance-weighted against the logged behaviour logprobs.
+- `topk_analytic` (rule 2): any decoding, any age, any policy (also one the registry does not know, e.g. an
+  adapter loaded by hand), when the teacher's top-k is stored: analytic reverse KL per visited state. Also chosen
+  for every trajectory when the configured loss is a top-k loss.
+- excluded: samples whose rule-1 weight is meaningless (greedy / low-temperature / truncated, too stale, or from an
+  unknown policy) and that have no stored top-k; and samples that do not belong with this student at all (another
+  base model, scores made under another tokenizer or teacher temperature). All are counted, never silently dropped;
+  the prompts of the first group still teach through fresh rollouts (rule 3).
+
+Staleness is the distance in the registry's lineage tree (each version's parent is the champion it was trained
+from), not a difference of version numbers: after a rollback to v2, a sample of v3 (trained from v2) is 1 away.
 
 The trainer consumes `completion_ids` exactly as logged: nothing here re-tokenizes text.
 """
@@ -14,6 +20,7 @@ The trainer consumes `completion_ids` exactly as logged: nothing here re-tokeniz
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,48 +43,108 @@ class Example:
     teacher_lp_C: np.ndarray
     topk_ids_CK: np.ndarray | None
     topk_lp_CK: np.ndarray | None
-    staleness: int
+    staleness: int | None
+
+
+@dataclass(frozen=True)
+class PolicyLineage:
+    """Distances in the registry's lineage tree from the policy being trained (`current`; None = the base).
+
+    `parents` maps every registered version to the champion it was trained from (None = the base)."""
+
+    current: str | None
+    parents: Mapping[str, str | None] = field(default_factory=dict)
+
+    def _path_to_base(self, version: str | None) -> list[str | None] | None:
+        path: list[str | None] = [version]
+        while version is not None:
+            if version not in self.parents or len(path) > len(self.parents) + 1:
+                return None  # unknown to the registry, or a cycle in hand-edited tags
+            version = self.parents[version]
+            path.append(version)
+        return path
+
+    def staleness(self, adapter_version: str | None) -> int | None:
+        """Tree distance between the sample's policy and the current one; None for a policy the registry lacks."""
+        mine, theirs = self._path_to_base(self.current), self._path_to_base(adapter_version)
+        if mine is None or theirs is None:
+            return None
+        common = set(mine) & set(theirs)
+        return min(mine.index(a) + theirs.index(a) for a in common)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a trajectory must match to be trained on by this student, and who the current policy is."""
+
+    student_base: str
+    tokenizer_fingerprint: str | None  # of the student; None skips the check (tests, benches)
+    teacher_temperature: float
+    lineage: PolicyLineage
 
 
 @dataclass
 class RuleReport:
     trajectories: Counter = field(default_factory=Counter)
     tokens: Counter = field(default_factory=Counter)
+    policies: Counter = field(default_factory=Counter)  # current / older / too_stale / unknown
 
     def as_metrics(self) -> dict[str, float]:
         out = {f"data.trajectories.{k}": float(v) for k, v in self.trajectories.items()}
         out.update({f"data.tokens.{k}": float(v) for k, v in self.tokens.items()})
+        out.update({f"data.policies.{k}": float(v) for k, v in self.policies.items()})
         return out
 
 
-def staleness(adapter_version: str | None, current_version: int) -> int:
-    """Versions between the policy that produced a sample and the one being trained (base = version 0)."""
-    produced_by = int(adapter_version) if adapter_version else 0
-    return max(current_version - produced_by, 0)
+def policy_kind(staleness: int | None, max_staleness: int) -> str:
+    if staleness is None:
+        return "unknown"
+    if staleness == 0:
+        return "current"
+    return "older" if staleness <= max_staleness else "too_stale"
 
 
-def choose_rule(t: ScoredTrajectory, cfg: TrainConfig) -> tuple[Rule | None, str]:
+def belongs(t: ScoredTrajectory, prov: Provenance, teacher_temperature_tol: float = 1e-6) -> str | None:
+    """None when `t` may be trained on by this student, else the exclusion reason."""
+    if t.base_model_id != prov.student_base:
+        return "excluded_other_base"
+    if prov.tokenizer_fingerprint is not None and t.tokenizer_fingerprint != prov.tokenizer_fingerprint:
+        # None: scores stored before fingerprints were recorded; unverifiable is not a match
+        return "excluded_tokenizer_mismatch"
+    if t.teacher_temperature is None or abs(t.teacher_temperature - prov.teacher_temperature) > teacher_temperature_tol:
+        return "excluded_teacher_temperature"
+    return None
+
+
+def choose_rule(t: ScoredTrajectory, cfg: TrainConfig, prov: Provenance) -> tuple[Rule | None, str]:
+    if (reason := belongs(t, prov)) is not None:
+        return None, reason
     has_topk = t.teacher.topk > 0
     if cfg.loss != "sampled_token":
         return ("topk_analytic", "topk_loss") if has_topk else (None, "excluded_no_topk_for_topk_loss")
     untruncated_t1 = t.sampling.is_untruncated_temperature_one
-    too_stale = staleness(t.adapter_version, cfg.current_version) > cfg.importance.max_staleness
-    if untruncated_t1 and not too_stale:
+    kind = policy_kind(prov.lineage.staleness(t.adapter_version), cfg.importance.max_staleness)
+    if untruncated_t1 and kind in ("current", "older"):
         return "sampled_is", "sampled_is"
     if has_topk:
         return "topk_analytic", "topk_analytic"
-    return None, "excluded_stale" if untruncated_t1 else "excluded_not_t1_no_topk"
+    if not untruncated_t1:
+        return None, "excluded_not_t1_no_topk"
+    return None, "excluded_stale_no_topk" if kind == "too_stale" else "excluded_unknown_policy_no_topk"
 
 
-def build_examples(trajectories: list[ScoredTrajectory], cfg: TrainConfig) -> tuple[list[Example], RuleReport]:
+def build_examples(trajectories: list[ScoredTrajectory], cfg: TrainConfig, prov: Provenance
+                   ) -> tuple[list[Example], RuleReport]:
     report = RuleReport()
     examples = []
     cut = cfg.max_completion_tokens
     for t in trajectories:
-        rule, reason = choose_rule(t, cfg)
+        rule, reason = choose_rule(t, cfg, prov)
         n = min(len(t.completion_ids), cut)
+        staleness = prov.lineage.staleness(t.adapter_version)
         report.trajectories[reason] += 1
         report.tokens[reason] += n
+        report.policies[policy_kind(staleness, cfg.importance.max_staleness)] += 1
         if rule is None or n == 0:
             continue
         examples.append(Example(
@@ -85,9 +152,21 @@ def build_examples(trajectories: list[ScoredTrajectory], cfg: TrainConfig) -> tu
             behaviour_lp_C=t.behaviour_logprobs_C[:n], teacher_lp_C=t.teacher.teacher_logprobs_C[:n],
             topk_ids_CK=None if t.teacher.topk_ids_CK is None else t.teacher.topk_ids_CK[:n],
             topk_lp_CK=None if t.teacher.topk_logprobs_CK is None else t.teacher.topk_logprobs_CK[:n],
-            staleness=staleness(t.adapter_version, cfg.current_version),
+            staleness=staleness,
         ))
     return examples, report
+
+
+def rollout_prompts(trajectories: list[ScoredTrajectory], prov: Provenance) -> list[list[int]]:
+    """Every distinct prompt of the trajectories that belong with this student, in first-seen order: the states
+    fresh rollouts re-sample (greedy and low-temperature traffic included: their prompts are on-distribution)."""
+    seen, out = set(), []
+    for t in trajectories:
+        key = tuple(t.prompt_ids)
+        if key not in seen and belongs(t, prov) is None:
+            seen.add(key)
+            out.append(t.prompt_ids)
+    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

@@ -68,19 +68,35 @@ class Night:
         return MlflowClient(self.cfg.mlflow_tracking_uri)
 
 
-def split_heldout(trajectory_ids: list[str], percent: int, minimum: int) -> tuple[list[str], list[str]]:
-    """(train_ids, heldout_ids): the `percent` share (at least `minimum`, always leaving one to train on) whose
-    id hashes rank lowest. Ranking, not a per-id threshold, so a small window can never hold out fewer than
-    `minimum` by bad luck, and the split depends only on the set of ids, never on their order."""
-    ranked = sorted(trajectory_ids, key=lambda i: hashlib.sha256(i.encode()).digest())
-    n_heldout = min(max(minimum, round(len(ranked) * percent / 100)), len(ranked) - 1)
-    heldout = set(ranked[:max(n_heldout, 0)])
-    return [i for i in trajectory_ids if i not in heldout], [i for i in trajectory_ids if i in heldout]
+def split_heldout(index: list[tuple[str, str]], percent: int, minimum: int) -> tuple[list[str], list[str]]:
+    """(train_ids, heldout_ids) of `index` = [(trajectory_id, prompt_hash)], split *by prompt*: the `percent` share
+    of distinct prompts (at least `minimum`, always leaving one prompt to train on) whose hashes rank lowest is held
+    out with every trajectory of those prompts, so n > 1 choices and repeated prompts never land on both sides and
+    no held-out prompt is ever a training or rollout prompt. Ranking, not a per-prompt threshold, so a small window
+    never holds out fewer than `minimum` by bad luck; the split depends only on the set, never on its order."""
+    prompts = sorted({h for _, h in index}, key=lambda h: hashlib.sha256(h.encode()).digest())
+    n_heldout = min(max(minimum, round(len(prompts) * percent / 100)), len(prompts) - 1)
+    heldout = set(prompts[:max(n_heldout, 0)])
+    return [i for i, h in index if h not in heldout], [i for i, h in index if h in heldout]
 
 
 # ---- the manifest and the champion it froze --------------------------------------------------------------------
-def coverage(night: Night) -> float:
-    return night.store.coverage(night.cfg.teacher_id, night.start, night.end)
+def window_status(night: Night):
+    """How much of the window landed and was scored, and how far the log was read (`feature_store.WindowStatus`)."""
+    return night.store.window_status(night.cfg.teacher_id, night.start, night.end, topic=night.cfg.log_topic,
+                                     group_id=night.cfg.scorer_group)
+
+
+def window_complete(night: Night) -> tuple[bool, dict[str, Any]]:
+    """(may the night freeze its window?, what the sensor saw): the log was read past the window's end (plus the
+    allowed lateness) on every partition and enough of what landed is scored. A night never freezes a window it
+    has not seen in full: a stopped scorer, a Kafka backlog or a spool still replaying keep this False."""
+    status = window_status(night)
+    done = status.complete(night.end, night.cfg.allowed_lateness_s, night.cfg.coverage_threshold)
+    seen = {"landed": status.landed, "scored": status.scored, "rejected": status.rejected,
+            "watermark": status.watermark.isoformat() if status.watermark else None, "complete": done}
+    log.info("window %s: %s", night.key, seen)
+    return done, seen
 
 
 def enough_traffic(night: Night) -> bool:
@@ -93,8 +109,8 @@ def snapshot(night: Night) -> Manifest:
     """Freeze the interval's train/held-out ids (split by id hash) and the current champion, once."""
     cfg, store = night.cfg, night.store
     if store.get_manifest(night.key) is None:
-        ids = store.scored_ids(cfg.teacher_id, night.start, night.end)
-        train_ids, heldout_ids = split_heldout(ids, cfg.heldout_percent, cfg.min_heldout)
+        index = store.scored_prompt_index(cfg.teacher_id, night.start, night.end)
+        train_ids, heldout_ids = split_heldout(index, cfg.heldout_percent, cfg.min_heldout)
         champ = night.registry().champion()
         store.freeze_manifest(night.key, night.start, night.end, cfg.teacher_id, train_ids, heldout_ids,
                               champion_version=champ.version if champ else None)
@@ -146,9 +162,24 @@ def _open_run(night: Night, champion_version: str | None) -> str:
     return run_id
 
 
+def provenance(night: Night, champion_version: str | None):
+    """What the night's trajectories must match (the student's base, tokenizer and teacher temperature), and the
+    registry's lineage tree, from which a sample's staleness is measured. The teacher's tokenizer must be the
+    student's: a mismatch is refused here, naming both fingerprints."""
+    from model_runtime.models import ModelMeta
+    from model_runtime.tokenizers import folder_fingerprint, require_shared_tokenizer
+    from nightly_train.data import PolicyLineage, Provenance
+
+    cfg = night.cfg
+    fingerprint = require_shared_tokenizer(cfg.student_dir, folder_fingerprint(cfg.teacher_dir), str(cfg.teacher_dir))
+    return Provenance(student_base=ModelMeta.read(cfg.student_dir).model_id, tokenizer_fingerprint=fingerprint,
+                      teacher_temperature=cfg.train.teacher_temperature,
+                      lineage=PolicyLineage(champion_version, night.registry().lineage_parents()))
+
+
 def train(night: Night) -> Trained:
     """Train the interval's candidate from the manifest's champion; reuse a finished run of the same interval."""
-    from nightly_train.data import build_examples
+    from nightly_train.data import build_examples, rollout_prompts
     from nightly_train.train import Distiller
 
     cfg, layout = night.cfg, night.layout
@@ -160,15 +191,19 @@ def train(night: Night) -> Trained:
                        steps=int(done.data.params.get("total_steps", 0)), champion_version=manifest.champion_version)
     champ_dir = champion_adapter(night, manifest.champion_version)
     tcfg = TrainConfig.for_run(cfg.train, student_dir=cfg.student_dir, teacher_id=cfg.teacher_id,
-                               teacher_dir=cfg.teacher_dir, init_adapter=champ_dir,
-                               current_version=int(manifest.champion_version or 0), output_dir=layout.train_dir)
+                               teacher_dir=cfg.teacher_dir, init_adapter=champ_dir, output_dir=layout.train_dir)
+    prov = provenance(night, manifest.champion_version)
     trajectories = night.store.load_scored(train_ids[-tcfg.max_trajectories:], cfg.teacher_id)
-    examples, report = build_examples(trajectories, tcfg)
+    examples, report = build_examples(trajectories, tcfg, prov)
+    prompts = rollout_prompts(trajectories, prov)
     run_id = _open_run(night, manifest.champion_version)
     client = night.mlflow()
-    distiller = Distiller(tcfg, examples)
+    distiller = Distiller(tcfg, examples, prompts)
+    log.info("interval %s: %d trajectories -> %s; policies %s; %d rollout prompts; %d steps", night.key,
+             len(trajectories), dict(report.trajectories), dict(report.policies), len(prompts), distiller.total_steps)
     params = {k: str(v) for k, v in tcfg.model_dump().items()}
-    params.update({"total_steps": str(distiller.total_steps), "n_train_trajectories": str(len(trajectories))})
+    params.update({"total_steps": str(distiller.total_steps), "n_train_trajectories": str(len(trajectories)),
+                   "n_rollout_prompts": str(len(prompts))})
     for k, v in params.items():
         try:
             client.log_param(run_id, k, v[:6000])
@@ -183,6 +218,8 @@ def train(night: Night) -> Trained:
                 client.log_metric(run_id, f"train.{name}", value, step=step)
 
     result = distiller.run(log_metrics)
+    for rule, n in result.tokens_by_rule().items():
+        client.log_metric(run_id, f"train.tokens_total.{rule}", n)
     client.log_artifacts(run_id, str(result.adapter_dir), "adapter")
     layout.history_file.write_text(json.dumps(result.history))
     client.log_artifact(run_id, str(layout.history_file))
@@ -204,9 +241,9 @@ def evaluate(night: Night, trained: Trained) -> Evaluation:
         return Evaluation.read(out_path)
     manifest, _, heldout_ids = frozen_manifest(night)
     heldout = night.store.load_scored(heldout_ids, cfg.teacher_id)
-    prompts = [t.prompt_ids for t in heldout][: cfg.eval.kl_prompts]
+    prompts = list({tuple(t.prompt_ids): t.prompt_ids for t in heldout}.values())[: cfg.eval.kl_prompts]
     if len(prompts) < 2:
-        raise GateError(f"interval {night.key} has {len(prompts)} held-out trajectories; the KL gate needs at least 2")
+        raise GateError(f"interval {night.key} has {len(prompts)} held-out prompts; the KL gate needs at least 2")
     champ_version = manifest.champion_version
     tok = load_tokenizer(cfg.student_dir)
     teacher = load_model(cfg.teacher_dir)
@@ -224,7 +261,8 @@ def evaluate(night: Night, trained: Trained) -> Evaluation:
         else:
             if_res = ifeval.evaluate(if_prompts, gen)
         kl = evaluate_distillation(model, teacher, tok, prompts, max_tokens=cfg.eval.kl_max_tokens,
-                                   seed=cfg.eval.seed, greedy_prompt=cfg.eval.greedy_prompt)
+                                   seed=cfg.eval.seed, greedy_prompt=cfg.eval.greedy_prompt,
+                                   teacher_temperature=cfg.train.teacher_temperature)
         sides[side] = SideEvaluation(version=version, ifeval=if_res.to_dict(),
                                      distill={**kl.as_metrics(), "greedy_answer": kl.greedy_answer})
     evaluation = Evaluation(interval_key=night.key, run_id=run_id, **sides,
@@ -291,7 +329,7 @@ def register(night: Night, outcome: GateOutcome) -> Registered:
             "data.window_end": night.end.astimezone(UTC).isoformat(), "data.trajectory_count": str(manifest.n_train),
             "teacher_id": night.cfg.teacher_id, "code_version": code_version}
     info = night.registry().register_candidate(outcome.run_id, tags=tags, gate_passed=outcome.passed,
-                                               interval_key=night.key)
+                                               interval_key=night.key, parent_version=manifest.champion_version)
     night.store.record_adapter_version(
         model_name=night.cfg.registered_model(), version=str(info.version), run_id=outcome.run_id,
         source_uri=info.source, window_start=night.start, window_end=night.end, trajectory_count=manifest.n_train,
@@ -317,6 +355,9 @@ def purge(night: Night) -> int:
 def run_night(night: Night) -> dict[str, Any]:
     """All tasks in order, without Airflow (the DAG runs the same functions with retries and a sensor)."""
     summary: dict[str, Any] = {"interval_key": night.key}
+    complete, seen = window_complete(night)
+    if not complete:
+        raise StoreError(f"window {night.key} is not seen in full yet ({seen}); wait for the scorer, or run later")
     if not enough_traffic(night):
         return {**summary, "skipped": "too little traffic"}
     manifest = snapshot(night)

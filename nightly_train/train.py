@@ -35,14 +35,7 @@ from model_runtime.sampling import DecodeParams, sample
 from nightly_train.config import TrainConfig
 from nightly_train.data import Example, epoch_order, pad_right
 from nightly_train.layout import checkpoints_dir, trained_adapter_dir
-from nightly_train.losses import (
-    full_reverse_kl,
-    generalized_jsd,
-    importance_sampling_loss,
-    masked_mean,
-    reverse_kl_advantage,
-    topk_reverse_kl,
-)
+from nightly_train.losses import full_reverse_kl, generalized_jsd, masked_mean, sampled_token_loss, topk_reverse_kl
 
 MetricsFn = Callable[[int, dict[str, float]], None]
 log = logging.getLogger(__name__)
@@ -54,12 +47,38 @@ class TrainResult:
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)
 
+    def tokens_by_rule(self) -> dict[str, int]:
+        """Completion tokens trained on per source over the run (logged rule 1, logged rule 2, rollouts, GKD)."""
+        out: dict[str, int] = {}
+        for h in self.history:
+            for k, v in h.items():
+                if k.startswith("tokens."):
+                    out[k.removeprefix("tokens.")] = out.get(k.removeprefix("tokens."), 0) + int(v)
+        return out
+
+
+def plan_steps(cfg: TrainConfig, n_examples: int, n_rollout_prompts: int) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch). Logged examples set the epoch; a night with none (all of its
+    traffic greedy without top-k, say) still trains when rollouts can re-sample its prompts, one epoch being one
+    pass of `rollouts.per_step` draws over the prompts. Nothing to train on gives 0 steps, never a crash."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    if n_examples:
+        per_epoch = math.ceil(n_examples / per_step)
+    elif cfg.rollouts.enabled and n_rollout_prompts:
+        per_epoch = math.ceil(n_rollout_prompts / (cfg.rollouts.per_step * cfg.grad_accum))
+    else:
+        return 0, 0
+    total = cfg.epochs * per_epoch
+    return (min(total, cfg.max_steps) if cfg.max_steps is not None else total), per_epoch
+
 
 class Distiller:
     def __init__(self, cfg: TrainConfig, examples: list[Example], rollout_prompts: list[list[int]] | None = None):
         self.cfg = cfg
         self.examples = examples
-        self.rollout_prompts = rollout_prompts or [e.prompt_ids for e in examples]
+        # Rollouts re-sample every logged prompt of the window (the caller passes them; greedy traffic included),
+        # by default the prompts of the logged examples.
+        self.rollout_prompts = rollout_prompts if rollout_prompts is not None else [e.prompt_ids for e in examples]
         self.device = pick_device(cfg.device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.tok = load_tokenizer(cfg.student_dir)
@@ -77,12 +96,7 @@ class Distiller:
         self.teacher = load_model(cfg.teacher_dir, self.device, self.dtype) if cfg.teacher_dir else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        per_step = cfg.batch_size * cfg.grad_accum
-        steps_per_epoch = max(math.ceil(len(examples) / per_step), 1) if examples else 0
-        self.total_steps = cfg.epochs * steps_per_epoch
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps) if examples else cfg.max_steps
-        self.steps_per_epoch = steps_per_epoch
+        self.total_steps, self.steps_per_epoch = plan_steps(cfg, len(examples), len(self.rollout_prompts))
 
     # ---- data ---------------------------------------------------------------------------------------------
     def micro_batch(self, step: int, micro: int) -> list[Example]:
@@ -108,13 +122,13 @@ class Distiller:
             new_lp_BC = token_logprobs(cl.logits_BCV, cl.completion_ids_BC)
             behaviour_BC = pad_right([e.behaviour_lp_C for e in batch], width).to(self.device)
             teacher_BC = pad_right([e.teacher_lp_C for e in batch], width).to(self.device)
-            adv_BC = reverse_kl_advantage(teacher_BC, behaviour_BC, m1, self.cfg.kl_penalty_coef)
             imp = self.cfg.importance
-            loss, st = importance_sampling_loss(new_lp_BC, behaviour_BC, adv_BC, m1, mode=imp.mode,
-                                                ratio_max=imp.ratio_max, clip_eps=imp.clip_eps)
+            loss, st = sampled_token_loss(new_lp_BC, behaviour_BC, teacher_BC, m1, coef=self.cfg.kl_penalty_coef,
+                                          mode=imp.mode, ratio_max=imp.ratio_max, clip_eps=imp.clip_eps)
             total = total + loss * m1.sum()
             metrics.update({"advantage_mean": st.advantage_mean, "ratio_mean": st.ratio_mean,
                             "ratio_max": st.ratio_max, "clipped_fraction": st.clipped_fraction,
+                            "tokens.sampled_is": float(m1.sum()),
                             "sampled_reverse_kl": float(masked_mean(new_lp_BC.detach() - teacher_BC, m1))})
         m2 = mask_BC & ~rule1_B[:, None]
         if m2.any():
@@ -127,10 +141,12 @@ class Distiller:
             else:
                 loss = topk_reverse_kl(logits, ids_BCK, lp_BCK, m2[rows])
             total = total + loss * m2.sum()
-            metrics["topk_loss"] = loss.item()
+            metrics.update({"topk_loss": loss.item(), "tokens.topk_analytic": float(m2.sum())})
         return total, int(mask_BC.sum()), metrics
 
     def _pick_prompts(self, step: int, micro: int, n: int, salt: int) -> tuple[list[list[int]], int]:
+        if not self.rollout_prompts:
+            return [], 0
         g = torch.Generator().manual_seed((self.cfg.seed * 7919 + step * 104_729 + micro * 131 + salt) % 2**62)
         idx = torch.randint(len(self.rollout_prompts), (n,), generator=g).tolist()
         return [self.rollout_prompts[i] for i in idx], int(torch.randint(0, 2**31, (1,), generator=g))
@@ -147,7 +163,7 @@ class Distiller:
     def rollout_loss(self, step: int, micro: int) -> tuple[torch.Tensor, int, dict[str, float]]:
         cfg = self.cfg.rollouts
         prompts, seed = self._pick_prompts(step, micro, cfg.per_step, salt=1)
-        completions = self._generate(self.model, prompts, cfg.max_tokens, seed)
+        completions = self._generate(self.model, prompts, cfg.max_tokens, seed) if prompts else []
         keep = [i for i, c in enumerate(completions) if c]
         if not keep:
             return torch.zeros((), device=self.device), 0, {}
@@ -158,17 +174,20 @@ class Distiller:
         new_lp_BC = token_logprobs(cl.logits_BCV, cl.completion_ids_BC)
         width = cl.mask_BC.shape[1]
         teacher_BC = pad_right([t.logprobs_C.numpy() for t in teacher], width).to(self.device)
-        behaviour_BC = new_lp_BC.detach()  # sampled by this very policy: exactly on-policy
-        adv_BC = reverse_kl_advantage(teacher_BC, behaviour_BC, cl.mask_BC, self.cfg.kl_penalty_coef)
-        loss, _ = importance_sampling_loss(new_lp_BC, behaviour_BC, adv_BC, cl.mask_BC, mode="none")
+        behaviour_BC = new_lp_BC.detach()  # sampled by this very policy: exactly on-policy, w = 1
+        loss, _ = sampled_token_loss(new_lp_BC, behaviour_BC, teacher_BC, cl.mask_BC, coef=self.cfg.kl_penalty_coef,
+                                     mode="none")
         n = int(cl.mask_BC.sum())
-        return loss * n, n, {"rollout_reverse_kl": float(masked_mean(behaviour_BC - teacher_BC, cl.mask_BC))}
+        return loss * n, n, {"rollout_reverse_kl": float(masked_mean(behaviour_BC - teacher_BC, cl.mask_BC)),
+                             "tokens.rollout": float(n)}
 
     def gkd_loss(self, step: int, micro: int) -> tuple[torch.Tensor, int, dict[str, float]]:
         cfg = self.cfg.gkd
         frac = step / max(self.total_steps - 1, 1)
         lam = cfg.lambda_start + (cfg.lambda_end - cfg.lambda_start) * frac
         prompts, seed = self._pick_prompts(step, micro, cfg.per_step, salt=2)
+        if not prompts:
+            return torch.zeros((), device=self.device), 0, {"gkd_lambda": lam}
         g = torch.Generator().manual_seed(seed)
         on_policy = torch.rand(len(prompts), generator=g) < lam
         completions = [None] * len(prompts)
@@ -186,7 +205,7 @@ class Distiller:
             t_logits = completion_logits(self.teacher, prompts, completions, self.pad_id).logits_BCV
         loss = full_reverse_kl(cl.logits_BCV, t_logits, cl.mask_BC, self.cfg.teacher_temperature)
         n = int(cl.mask_BC.sum())
-        return loss * n, n, {"gkd_lambda": lam, "gkd_reverse_kl": loss.item()}
+        return loss * n, n, {"gkd_lambda": lam, "gkd_reverse_kl": loss.item(), "tokens.gkd": float(n)}
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
@@ -247,7 +266,8 @@ class Distiller:
                 tokens_total += n_tokens
                 metrics["loss"] = metrics.get("loss", 0.0) + loss.item() / cfg.grad_accum
                 for _, _, m in parts:
-                    metrics.update(m)
+                    for name, value in m.items():  # token counts add up over micro-batches; the rest is the last
+                        metrics[name] = metrics.get(name, 0.0) + value if name.startswith("tokens.") else value
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
             self.opt.step()

@@ -157,7 +157,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         nightly = NightlyConfig.from_json_file(cfg_path)
         p.step("starting serving (student, shadow log on) and the teacher scorer")
         serving = stack.start_serving(sup, student_dir, bootstrap, mlflow_uri, nightly.registered_model(), api_key)
-        stack.start_scorer(sup, bootstrap, store_url, teacher_dir)
+        stack.start_scorer(sup, bootstrap, store_url, teacher_dir, student_dir)
         model = student_meta.model_id
         summary["greedy_before"] = traffic.greedy_answer(serving, api_key, model, traffic.GREEDY_PROMPT, cfg.max_tokens)
 

@@ -21,6 +21,9 @@ def write_nightly_config(folder: Path, store_url: str, mlflow_uri: str, teacher_
         "teacher_dir": str(teacher_dir), "teacher_id": ModelMeta.read(teacher_dir).model_id,
         "runs_dir": str((folder / "nightly").resolve()), "min_trajectories": 4, "coverage_threshold": 1.0,
         "heldout_percent": 20,
+        # One local serving process whose traffic the caller controls: the log is seen past a window's end a few
+        # seconds after it (production keeps the default lateness, which covers a spool replaying late).
+        "allowed_lateness_s": 3.0,
         "train": {**(tiny_train if tiny else {}), **(train or {})},
         "eval": {**(small if tiny else {}), **(eval_overrides or {})},
         # Tiny random models give a KL meter far noisier than SmolLM2's at 4 prompts: the smoke test checks the

@@ -278,14 +278,10 @@ def check_tokenizer_match(config: ScoringConfig, teacher: Teacher) -> None:
     fingerprint, so a trainer can refuse them later)."""
     if config.student_tokenizer is None:
         return
-    from model_runtime.tokenizers import folder_fingerprint
+    from model_runtime.tokenizers import require_shared_tokenizer
 
-    student_fp = folder_fingerprint(config.student_tokenizer)
-    if teacher.tokenizer_fingerprint != student_fp:
-        raise ConfigError(
-            f"teacher {teacher.teacher_id!r} (tokenizer {teacher_folder(teacher)}, fingerprint "
-            f"{teacher.tokenizer_fingerprint}) does not share the student's tokenizer ({config.student_tokenizer}, "
-            f"fingerprint {student_fp}): its logprobs would score other tokens than the student produced")
+    require_shared_tokenizer(config.student_tokenizer, teacher.tokenizer_fingerprint,
+                             f"{teacher.teacher_id!r} (tokenizer {teacher_folder(teacher)})")
 
 
 def build_teacher(config: ScoringConfig) -> Teacher:

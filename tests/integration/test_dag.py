@@ -25,11 +25,13 @@ import numpy as np
 import pytest
 
 from feature_store import FeatureStore
+from feature_store.records import PartitionProgress
 from feature_store.store import TeacherScores
 from model_registry.registry import Registry
 from model_runtime.logprobs import completion_logprobs
 from model_runtime.models import ModelMeta, eos_token_ids, load_model, load_tokenizer
 from model_runtime.sampling import DecodeParams, sample
+from model_runtime.tokenizers import folder_fingerprint
 from foundation.errors import ShadowDistillError
 from nightly_train import pipeline
 from nightly_train.config import NightlyConfig
@@ -101,7 +103,15 @@ def _fill(store: FeatureStore, teacher_dir: Path, student_dir: Path, window: tup
             prompt_token_ids=list(prompt_ids), completion_token_ids=res.completion_ids, behaviour_logprobs=behaviour,
             logprob_kind=kind, finish_reason="stop" if res.finish_reason == "stop" else "length")
         items.append((traj, TeacherScores(np.asarray(scored.logprobs_C, dtype=np.float32))))
-    return store.ingest_scored(items, ModelMeta.read(teacher_dir).model_id)
+    return store.ingest_scored(items, ModelMeta.read(teacher_dir).model_id,
+                               tokenizer_fingerprint=folder_fingerprint(teacher_dir), teacher_temperature=1.0)
+
+
+def _log_seen_until_now(store: FeatureStore, cfg: NightlyConfig) -> None:
+    """What the scorer records as it reads the log: here, its one partition caught up now, long after every window
+    of these tests ended (the trajectories were written straight into the store)."""
+    store.land([], [PartitionProgress(group_id=cfg.scorer_group, topic=cfg.log_topic, partition=0, next_offset=0,
+                                      partitions_total=1, caught_up_at=datetime.now(UTC))])
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +130,7 @@ def env(tmp_path_factory, tiny_models) -> Env:
     assert _fill(store, teacher_dir, student_dir, NIGHT_1, 16, seed=1) >= 12
     assert _fill(store, teacher_dir, student_dir, NIGHT_QUIET, cfg.min_trajectories - 2, seed=2) < cfg.min_trajectories
     assert _fill(store, teacher_dir, student_dir, NIGHT_STRICT, 16, seed=3) >= 12
+    _log_seen_until_now(store, cfg)
     return Env(folder, cfg_path, strict_cfg_path, cfg)
 
 
