@@ -116,7 +116,7 @@ def trajectory_row(t: TrajectoryV1, now: datetime, partition: int | None = None,
         "behaviour_logprobs": pack_floats(t.behaviour_logprobs), "prompt_text": _review_text(t.prompt_text),
         "completion_text": _review_text(t.completion_text), "schema_version": t.schema_version,
         "prompt_hash": prompt_hash(t.prompt_token_ids), "log_partition": partition, "log_offset": offset,
-        "landed_watermark": watermark,
+        "landed_watermark": watermark, "sampling_json": sp.model_dump_json(), "user_hash": t.user_hash,
     }
 
 
@@ -140,6 +140,15 @@ def score_payload_bytes(row: dict) -> int:
     return sum(len(row[k] or b"") for k in ("teacher_logprobs", "topk_token_ids", "topk_logprobs"))
 
 
+def sampling(r: TrajectoryRow) -> SamplingParams:
+    """The row's sampling parameters: the whole stored object, or (rows landed before migration 0005, which
+    predate every extra field) the typed columns."""
+    if r.sampling_json:
+        return SamplingParams.model_validate_json(r.sampling_json)
+    return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens,
+                          seed=r.seed)
+
+
 def message(r: TrajectoryRow) -> TrajectoryV1:
     """Rebuild the logged message from its stored row (length-checked arrays, UTC timestamps)."""
     n = r.n_completion_tokens
@@ -147,8 +156,7 @@ def message(r: TrajectoryRow) -> TrajectoryV1:
         schema_version=r.schema_version, trajectory_id=r.trajectory_id, request_id=r.request_id,
         choice_index=r.choice_index, created_at=utc(r.created_at), caller_hash=r.caller_hash,
         base_model_id=r.base_model_id, adapter_version=r.adapter_version,
-        sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                max_tokens=r.max_tokens, seed=r.seed),
+        sampling=sampling(r), user_hash=r.user_hash,
         prompt_token_ids=unpack_ids(r.prompt_token_ids, r.n_prompt_tokens, "prompt ids"),
         completion_token_ids=unpack_ids(r.completion_token_ids, n, "completion ids"),
         behaviour_logprobs=unpack_floats(r.behaviour_logprobs, n, "behaviour logprobs").tolist(),
@@ -167,8 +175,7 @@ def scored(t: TrajectoryRow, sc: TeacherScoreRow) -> ScoredTrajectory:
         topk_lps = unpack_floats(sc.topk_logprobs, n * sc.topk, "top-k logprobs").reshape(n, sc.topk)
     return ScoredTrajectory(
         trajectory_id=t.trajectory_id, created_at=utc(t.created_at), adapter_version=t.adapter_version,
-        sampling=SamplingParams(temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
-                                max_tokens=t.max_tokens, seed=t.seed),
+        sampling=sampling(t),
         logprob_kind=t.logprob_kind,
         prompt_ids=unpack_ids(t.prompt_token_ids, t.n_prompt_tokens, "prompt ids"),
         completion_ids=unpack_ids(t.completion_token_ids, n, "completion ids"),

@@ -14,6 +14,7 @@ the bad value (never a secret's value):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
@@ -23,17 +24,25 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from foundation.errors import ConfigError
 
 _SECRET_WORDS = ("key", "token", "secret", "password")
+_URL_PASSWORD = re.compile(r"(://[^/\s:@]+:)[^/\s@]+@")
+
+
+def _shown(field: str, value: object) -> str:
+    if any(w in field.lower() for w in _SECRET_WORDS):
+        return "<hidden>"
+    return _URL_PASSWORD.sub(r"\1<hidden>@", repr(value))
 
 
 def describe_validation_error(exc: ValidationError, *, flag_style: bool = False) -> str:
-    """`field.path: message (got value)` of pydantic's first error; secret-looking fields show `<hidden>`."""
+    """`field.path: message (got value)` of pydantic's first error. Secret-looking fields show `<hidden>`, so does
+    the password of a URL; a rule across fields (no single field) shows no input, which would be the whole config."""
     first = exc.errors(include_url=False)[0]
     field = ".".join(str(p) for p in first["loc"])
-    secret = any(w in field.lower() for w in _SECRET_WORDS)
-    shown = "<hidden>" if secret else repr(first.get("input"))
-    name = "--" + field.replace("_", "-") if flag_style else (field or "value")
     message = first["msg"].removeprefix("Value error, ")
-    return f"{name}: {message} (got {shown})"
+    if not field:
+        return f"{'config' if flag_style else 'value'}: {message}"
+    name = "--" + field.replace("_", "-") if flag_style else field
+    return f"{name}: {message} (got {_shown(field, first.get('input'))})"
 
 
 class StrictConfig(BaseModel):

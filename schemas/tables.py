@@ -52,7 +52,8 @@ class TrajectoryRow(Base):
     choice_index: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    caller_hash: Mapped[str | None] = mapped_column(String(64))
+    caller_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    user_hash: Mapped[str | None] = mapped_column(String(64), index=True)  # the request's `user`, salted
     base_model_id: Mapped[str] = mapped_column(String(200))
     adapter_version: Mapped[str | None] = mapped_column(String(64), index=True)
     temperature: Mapped[float] = mapped_column(Float)
@@ -74,6 +75,8 @@ class TrajectoryRow(Base):
     log_partition: Mapped[int | None] = mapped_column(Integer)
     log_offset: Mapped[int | None] = mapped_column(BigInteger)
     landed_watermark: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The message's whole `sampling` object (migration 0005; NULL before it): no parameter is dropped on landing.
+    sampling_json: Mapped[str | None] = mapped_column(Text)
 
 
 class TeacherScoreRow(Base):

@@ -292,3 +292,20 @@ def test_scored_prompt_index_lists_the_windows_prompts_oldest_first(store):
     assert store.scored_prompt_index(TEACHER, T0, T0 + timedelta(hours=1)) == [
         ("t003", prompt_hash(trajs[1].prompt_token_ids)), ("t004", prompt_hash(trajs[2].prompt_token_ids)),
         ("t005", prompt_hash(trajs[0].prompt_token_ids))]
+
+
+@pytest.mark.parametrize("extra", [{"min_p": 0.1}, {"min_tokens": 4}, {"ignore_eos": True}])
+def test_every_sampling_parameter_survives_the_store(store, extra):
+    """A min_p-cut sample must not read back as an untruncated temperature-1 one (rule 1 would take it)."""
+    t = _traj(1, 0).model_copy(update={"sampling": SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_tokens=8,
+                                                                  **extra)})
+    store.ingest_scored([(t, _scores(t))], TEACHER)
+    back = store.load_scored([t.trajectory_id], TEACHER)[0]
+    assert back.sampling == t.sampling
+    assert not back.sampling.is_untruncated_temperature_one
+
+
+def test_the_end_users_hash_survives_the_store(store):
+    t = _traj(1, 0).model_copy(update={"user_hash": "u" * 64})
+    store.land([LoggedTrajectory(t, 0, 0)])
+    assert store.unscored(TEACHER)[0].user_hash == "u" * 64
