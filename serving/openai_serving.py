@@ -162,7 +162,7 @@ class OpenAIServing:
         if requested is not None and requested > cfg.max_tokens_limit:
             return error_response(400, f"max_tokens={requested} exceeds this server's limit of "
                                        f"{cfg.max_tokens_limit}", param="max_tokens", code="invalid_value")
-        if error := self._check_extras(req, alternatives):
+        if error := self._check_extras(req):
             return error
         base_seed = req.seed if req.seed is not None else secrets.randbits(62)
         rows = []
@@ -186,7 +186,7 @@ class OpenAIServing:
         plan.grant = grant
         return None
 
-    def _check_extras(self, req: SamplingFields, alternatives: int) -> ErrorResponse | None:
+    def _check_extras(self, req: SamplingFields) -> ErrorResponse | None:
         """vLLM extras that need this server's limits or vocabulary to check."""
         bad = next((t for t in req.stop_token_ids or () if not 0 <= t < self.vocab_size), None)
         if bad is not None:

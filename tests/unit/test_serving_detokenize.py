@@ -3,7 +3,15 @@
 import pytest
 
 from model_runtime.tiny import build_tokenizer
-from serving.detokenize import IncrementalText, StopMatcher, cut_at_stop, decode, final_text, text_offsets
+from serving.detokenize import (
+    IncrementalText,
+    StopMatcher,
+    TextRule,
+    cut_at_stop,
+    decode,
+    final_text,
+    text_offsets,
+)
 
 TEXT = "Numbers: 0 1 2 3. The quick brown fox; done! héllo ✓ end"
 
@@ -61,3 +69,32 @@ def test_text_offsets_point_at_each_token_start(tok, ids):
     assert offsets[0] == 0
     assert offsets == sorted(offsets)
     assert text[offsets[ids.index(327)]:].startswith("The")  # 327 is the token "The"
+
+
+def test_include_cuts_after_the_earliest_stop_string():
+    assert cut_at_stop("a; b! c", ["!", ";"], include=True) == ("a;", True)
+
+
+def test_include_stop_str_keeps_the_stop_string_in_the_final_text(tok, ids):
+    assert final_text(tok, ids, TextRule(stop=("fox",), include_stop=True)) == TEXT[: TEXT.index("fox") + 3]
+
+
+@pytest.mark.parametrize("rule", [TextRule(stop=("fox",), include_stop=True), TextRule(stop=("é",), include_stop=True),
+                                  TextRule(skip_special=False), TextRule(stop_ids=frozenset({0}))])
+def test_streamed_deltas_join_to_the_final_text_under_every_rule(tok, ids, rule):
+    stream = IncrementalText(tok, rule)
+    deltas = [stream.push(t) for t in [*ids, 2]]  # 2 is <|im_end|>, a special token
+    assert "".join(deltas) + stream.finish() == final_text(tok, [*ids, 2], rule)
+
+
+def test_a_final_stop_tokens_text_is_left_out_unless_included(tok, ids):
+    stop = ids[-1]
+    assert (final_text(tok, ids, TextRule(stop_ids=frozenset({stop}))),
+            final_text(tok, ids, TextRule(stop_ids=frozenset({stop}), include_stop=True))) == (
+        decode(tok, ids[:-1]), TEXT)
+
+
+def test_special_tokens_show_only_when_not_skipped(tok, ids):
+    with_eos = [*ids, 2]
+    assert (final_text(tok, with_eos, TextRule()), final_text(tok, with_eos, TextRule(skip_special=False))) == (
+        TEXT, TEXT + "<|im_end|>")

@@ -157,3 +157,21 @@ def test_a_cancelled_request_is_dropped_and_a_closed_engine_refuses_work(student
     assert not eng.is_alive()
     with pytest.raises(ShadowDistillError):
         eng.submit([row()])
+
+
+def masked_run(engine):
+    """A sampled row whose stop tokens are masked for all of its tokens (min_tokens = max_tokens), with every
+    alternative of the distribution each token was drawn from."""
+    params = DecodeParams(max_tokens=4, temperature=1.0, seed=5, min_tokens=4)
+    return run(engine, [RowRequest(PROMPT, params, top_logprobs=10**6)]).rows[0]
+
+
+def test_alternatives_under_min_tokens_leave_the_masked_stop_tokens_out(engine):
+    res = masked_run(engine)
+    assert [engine.eos_ids & {t for t, _ in alts} for alts in res.top_logprobs] == [set()] * 4
+
+
+def test_alternatives_under_min_tokens_agree_with_the_logged_logprobs(engine):
+    res = masked_run(engine)
+    picked = [dict(alts)[tok] for tok, alts in zip(res.completion_ids, res.top_logprobs, strict=True)]
+    assert picked == pytest.approx(res.logprobs, abs=1e-4)
