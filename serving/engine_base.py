@@ -63,7 +63,7 @@ class RowResult:
 @dataclass
 class GenerationOutput:
     rows: list[RowResult]
-    adapter_version: str | None
+    adapter_version: str | None  # the adapter every row ran under (None: the base)
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,8 @@ class GenerationJob:
 
     rows: Sequence[RowRequest]
     on_token: TokenCallback | None = None
+    adapter: str | None = None  # a named adapter, or None for the default one
+    background: bool = False  # mirrored work: yields to client work
     future: Future = field(default_factory=Future)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -90,18 +92,42 @@ class GenerationJob:
 
 
 class Engine(Protocol):
+    """Adapters, as vLLM's multi-LoRA has them: the *default* adapter (the champion; None = the base) answers
+    requests for the served model name, and *named* adapters resident beside it (a candidate in shadow, one loaded
+    by hand through /v1/load_lora_adapter) answer requests that name them. Rows of different adapters may share
+    a batch; every row's result says which adapter produced it."""
+
     kind: str  # "embedded" | "vllm"
     base_model_id: str
     tokenizer: PreTrainedTokenizerBase
     max_model_len: int
     eos_ids: set[int]  # end a row unless it ignores EOS
 
-    def active_adapter(self) -> AdapterInfo | None: ...
+    def active_adapter(self) -> AdapterInfo | None:
+        """The default adapter (None: the base)."""
+        ...
 
-    def submit(self, rows: Sequence[RowRequest], on_token: TokenCallback | None = None) -> GenerationJob: ...
+    def named_adapters(self) -> dict[str, AdapterInfo]:
+        """The named adapters resident beside the default one, by name (= their version)."""
+        ...
+
+    def submit(self, rows: Sequence[RowRequest], on_token: TokenCallback | None = None, *,
+               adapter: str | None = None, background: bool = False) -> GenerationJob:
+        """Generate `rows` under the default adapter, or under the named adapter `adapter` (EngineError when it
+        is not resident). `background` work (a mirrored shadow request) yields: it runs only when no client
+        work is waiting, so it never delays a client request by more than the batch already running."""
+        ...
 
     def set_adapter(self, adapter: AdapterInfo | None) -> Future:
-        """Serve `adapter` (None: the base) from the next batch on; the future fails if it cannot load."""
+        """Make `adapter` the default (None: the base) from the next batch on; the future fails if it cannot load."""
+        ...
+
+    def load_named_adapter(self, adapter: AdapterInfo) -> Future:
+        """Make `adapter` resident under its version as name (replacing one of that name); fails if it cannot."""
+        ...
+
+    def unload_named_adapter(self, name: str) -> Future:
+        """Drop the named adapter `name` (EngineError when there is none)."""
         ...
 
     def is_alive(self) -> bool: ...
