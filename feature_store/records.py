@@ -59,6 +59,9 @@ class ScoredTrajectory:
     prompt_hash: str = ""
     tokenizer_fingerprint: str | None = None
     teacher_temperature: float | None = None
+    request_id: str = ""
+    choice_index: int = 0
+    shadow: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompt_hash:
@@ -117,6 +120,7 @@ def trajectory_row(t: TrajectoryV1, now: datetime, partition: int | None = None,
         "completion_text": _review_text(t.completion_text), "schema_version": t.schema_version,
         "prompt_hash": prompt_hash(t.prompt_token_ids), "log_partition": partition, "log_offset": offset,
         "landed_watermark": watermark, "sampling_json": sp.model_dump_json(), "user_hash": t.user_hash,
+        "shadow": t.shadow,
     }
 
 
@@ -156,7 +160,7 @@ def message(r: TrajectoryRow) -> TrajectoryV1:
         schema_version=r.schema_version, trajectory_id=r.trajectory_id, request_id=r.request_id,
         choice_index=r.choice_index, created_at=utc(r.created_at), caller_hash=r.caller_hash,
         base_model_id=r.base_model_id, adapter_version=r.adapter_version,
-        sampling=sampling(r), user_hash=r.user_hash,
+        sampling=sampling(r), user_hash=r.user_hash, shadow=bool(r.shadow),
         prompt_token_ids=unpack_ids(r.prompt_token_ids, r.n_prompt_tokens, "prompt ids"),
         completion_token_ids=unpack_ids(r.completion_token_ids, n, "completion ids"),
         behaviour_logprobs=unpack_floats(r.behaviour_logprobs, n, "behaviour logprobs").tolist(),
@@ -182,5 +186,6 @@ def scored(t: TrajectoryRow, sc: TeacherScoreRow) -> ScoredTrajectory:
         behaviour_logprobs_C=unpack_floats(t.behaviour_logprobs, n, "behaviour logprobs"),
         teacher=TeacherScores(unpack_floats(sc.teacher_logprobs, n, "teacher logprobs"), topk_ids, topk_lps),
         base_model_id=t.base_model_id, prompt_hash=t.prompt_hash, tokenizer_fingerprint=sc.tokenizer_fingerprint,
-        teacher_temperature=sc.teacher_temperature,
+        teacher_temperature=sc.teacher_temperature, request_id=t.request_id, choice_index=t.choice_index,
+        shadow=bool(t.shadow),
     )

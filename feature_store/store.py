@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine, and_, case, create_engine, delete, event, exists, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from feature_store.coverage import WindowStatus, seen_up_to, watermark
 from feature_store.records import (
@@ -258,10 +258,14 @@ class FeatureStore:
         with Session(self.engine) as s:
             return int(s.execute(_window(select(func.count()).select_from(TrajectoryRow), start, end)).scalar_one())
 
-    def count_scored(self, teacher_id: str, start: datetime | None = None, end: datetime | None = None) -> int:
+    def count_scored(self, teacher_id: str, start: datetime | None = None, end: datetime | None = None, *,
+                     shadow: bool = False) -> int:
+        """Scored trajectories of a window: live traffic only, unless `shadow` (then the mirrored ones too)."""
         q = (select(func.count()).select_from(TeacherScoreRow)
              .join(TrajectoryRow, TrajectoryRow.trajectory_id == TeacherScoreRow.trajectory_id)
              .where(TeacherScoreRow.teacher_id == teacher_id))
+        if not shadow:
+            q = q.where(TrajectoryRow.shadow.is_(False))
         with Session(self.engine) as s:
             return int(s.execute(_window(q, start, end)).scalar_one())
 
@@ -273,7 +277,7 @@ class FeatureStore:
 
     def scored_ids(self, teacher_id: str, start: datetime | None = None, end: datetime | None = None,
                    adapter_version: object = ...) -> list[str]:
-        """Ids of scored trajectories of a window, oldest first (ties by id, so the order is stable).
+        """Ids of scored live trajectories of a window, oldest first (ties by id, so the order is stable).
 
         `adapter_version`: omit for all; None for the base student's; a version string for that adapter's."""
         q = _window(self._scored_query(TrajectoryRow.trajectory_id, teacher_id), start, end)
@@ -285,8 +289,9 @@ class FeatureStore:
 
     def scored_prompt_index(self, teacher_id: str, start: datetime | None, end: datetime | None
                             ) -> list[tuple[str, str]]:
-        """(trajectory_id, prompt_hash) of the window's scored trajectories, oldest first, ties by id: what a
-        prompt-level held-out split needs without loading any array."""
+        """(trajectory_id, prompt_hash) of the window's scored live trajectories, oldest first, ties by id: what a
+        prompt-level held-out split needs without loading any array. Shadow trajectories (a candidate's mirrored
+        answers) are never in a training window."""
         q = _window(self._scored_query(TrajectoryRow.trajectory_id, teacher_id).add_columns(TrajectoryRow.prompt_hash),
                     start, end)
         with Session(self.engine) as s:
@@ -294,10 +299,31 @@ class FeatureStore:
 
     @staticmethod
     def _scored_query(column, teacher_id: str):
+        """Scored live trajectories (shadow ones excluded), oldest first."""
         return (select(column)
                 .join(TeacherScoreRow, TrajectoryRow.trajectory_id == TeacherScoreRow.trajectory_id)
-                .where(TeacherScoreRow.teacher_id == teacher_id)
+                .where(TeacherScoreRow.teacher_id == teacher_id, TrajectoryRow.shadow.is_(False))
                 .order_by(TrajectoryRow.created_at, TrajectoryRow.trajectory_id))
+
+    def shadow_pairs(self, teacher_id: str, candidate: str, since: datetime | None = None,
+                     until: datetime | None = None) -> list[tuple[ScoredTrajectory, ScoredTrajectory]]:
+        """(live answer, candidate's mirrored answer) of the same request and choice, both scored by the teacher,
+        oldest first: what the live paired comparison of shadow mode reads."""
+        live, mirrored, live_score, shadow_score = (aliased(TrajectoryRow), aliased(TrajectoryRow),
+                                                    aliased(TeacherScoreRow), aliased(TeacherScoreRow))
+        q = (select(live, live_score, mirrored, shadow_score)
+             .join(mirrored, (mirrored.request_id == live.request_id) & (mirrored.choice_index == live.choice_index))
+             .join(live_score, live_score.trajectory_id == live.trajectory_id)
+             .join(shadow_score, shadow_score.trajectory_id == mirrored.trajectory_id)
+             .where(live.shadow.is_(False), mirrored.shadow.is_(True), mirrored.adapter_version == candidate,
+                    live_score.teacher_id == teacher_id, shadow_score.teacher_id == teacher_id)
+             .order_by(mirrored.created_at, mirrored.trajectory_id))
+        if since is not None:
+            q = q.where(mirrored.created_at >= utc(since))
+        if until is not None:
+            q = q.where(mirrored.created_at < utc(until))
+        with Session(self.engine) as s:
+            return [(scored(a, sa), scored(b, sb)) for a, sa, b, sb in s.execute(q).all()]
 
     def unscored(self, teacher_id: str, since: datetime | None = None, until: datetime | None = None, *,
                  after: tuple[datetime, str] | None = None, limit: int = 256) -> list[TrajectoryV1]:

@@ -13,8 +13,9 @@ nobody else indexes logits by position.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -61,8 +62,11 @@ def completion_logits(
     prompt_ids: Sequence[Sequence[int]],
     completion_ids: Sequence[Sequence[int]],
     pad_id: int,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> CompletionLogits:
-    """Run one forward pass over each `prompt + completion` and return logits aligned to completion tokens."""
+    """Run one forward pass over each `prompt + completion` and return logits aligned to completion tokens.
+
+    `model_kwargs` go into the forward call (peft's `adapter_names` for a batch that mixes adapters)."""
     if len(prompt_ids) != len(completion_ids):
         raise AlignmentError(f"{len(prompt_ids)} prompts for {len(completion_ids)} completions")
     for b, p in enumerate(prompt_ids):
@@ -79,6 +83,7 @@ def completion_logits(
         position_ids=batch.position_ids_BL,
         use_cache=False,
         logits_to_keep=c_max + 1,
+        **(model_kwargs or {}),
     )
     # out.logits covers positions length-c_max-1 .. length-1. Row b's completion token j sits at position
     # length - C_b + j and is predicted by position length - C_b + j - 1, i.e. index (c_max - C_b + j) here.

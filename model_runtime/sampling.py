@@ -16,8 +16,9 @@ at a `stop_check`, or at `max_tokens`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -110,12 +111,14 @@ def sample(
     pad_id: int,
     stop_check: StopCheck | None = None,
     on_token: OnToken | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> list[SampleResult]:
     """Sample one completion per prompt.
 
     `eos_ids` end a row unless its `ignore_eos`; `stop_check(row, ids_so_far)` may end a row early (stop
     strings); `on_token(row, token_id, logprob)` is called for every sampled token as soon as it exists
-    (streaming), with the logprob that is logged.
+    (streaming), with the logprob that is logged. `model_kwargs` go into every forward call (peft's
+    `adapter_names`: one LoRA adapter per row of a mixed batch).
     """
     device = next(model.parameters()).device
     B = len(prompts)
@@ -141,6 +144,7 @@ def sample(
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
+            **(model_kwargs or {}),
         )
         cache = out.cache
         logits_BV = out.logits[:, -1, :].float().cpu()

@@ -34,6 +34,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -45,7 +46,8 @@ class Base(DeclarativeBase):
 class TrajectoryRow(Base):
     __tablename__ = "trajectories"
     # The scorer's backlog query: unscored rows of its assigned partitions, oldest first.
-    __table_args__ = (Index("ix_trajectories_log_partition", "log_partition", "created_at"),)
+    __table_args__ = (Index("ix_trajectories_log_partition", "log_partition", "created_at"),
+                      Index("ix_trajectories_shadow_request", "shadow", "request_id"))
 
     trajectory_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     request_id: Mapped[str] = mapped_column(String(128))
@@ -77,6 +79,8 @@ class TrajectoryRow(Base):
     landed_watermark: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The message's whole `sampling` object (migration 0005; NULL before it): no parameter is dropped on landing.
     sampling_json: Mapped[str | None] = mapped_column(Text)
+    # A candidate's mirrored answer (shadow mode, migration 0006): scored and compared, never in a training window.
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class TeacherScoreRow(Base):

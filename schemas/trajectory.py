@@ -103,6 +103,9 @@ class TrajectoryV1(BaseModel):
     finish_reason: Literal["stop", "length"]
     prompt_text: str | None = None
     completion_text: str | None = None
+    shadow: bool = Field(default=False, exclude_if=_is_false, description=(
+        "Answered by a candidate mirrored on a live request (shadow mode): never returned to the client, never "
+        "trained on; `adapter_version` is the candidate's."))
 
     @field_validator("created_at")
     @classmethod

@@ -33,6 +33,7 @@ from serving.config import ServingConfig
 from serving.engine_base import Engine
 from serving.metrics import ServingMetrics
 from serving.middleware import ServingMiddleware
+from serving.shadow_mirror import ShadowMirror
 from serving.routes import EXCEPTION_HANDLERS, router
 from serving.serving_chat import OpenAIServingChat
 from serving.serving_completion import OpenAIServingCompletion
@@ -90,6 +91,8 @@ def build_app(config: ServingConfig, engine: Engine, *, sink: TrajectorySink | N
         trajectories = TrajectoryLog(sink, engine.tokenizer, engine.base_model_id, salt, log_texts=config.log_texts,
                                      eos_ids=engine.eos_ids, withholder=withholder)
     limiter = RateLimiter(config.rate_limit_replicas)
+    mirror = ShadowMirror(engine, trajectories, fraction=config.shadow_fraction, max_pending=config.shadow_max_pending)
+    metrics.add_stats("shadow_mirror", mirror.stats)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -101,8 +104,9 @@ def build_app(config: ServingConfig, engine: Engine, *, sink: TrajectorySink | N
                   lifespan=lifespan)
     state = app.state  # what the handlers of serving.routes read
     state.engine, state.config, state.metrics, state.keys, state.admin = engine, config, metrics, keys, admin
-    state.chat = OpenAIServingChat(engine, config, trajectories, limiter)
-    state.completion = OpenAIServingCompletion(engine, config, trajectories, limiter)
+    state.mirror = mirror
+    state.chat = OpenAIServingChat(engine, config, trajectories, limiter, mirror)
+    state.completion = OpenAIServingCompletion(engine, config, trajectories, limiter, mirror)
     app.add_middleware(ServingMiddleware, max_body_bytes=config.max_body_bytes, metrics=metrics)
     for exc_class, handler in EXCEPTION_HANDLERS.items():
         app.add_exception_handler(exc_class, handler)

@@ -92,6 +92,13 @@ class ServingConfig(StrictConfig):
                                           "prompt or completion matches one is withheld from the log (counted on "
                                           "/metrics).")
 
+    # Shadow mode (a gated candidate mirrored on live traffic; see serving/shadow_mirror.py).
+    shadow_fraction: float = Field(default=0.1, gt=0.0, le=1.0, description=(
+        "Share of live requests mirrored to the candidate while shadow mode is on (POST /v1/shadow)."))
+    shadow_max_pending: int = Field(default=32, ge=1, description=(
+        "Mirrored requests that may wait at once; more are dropped and counted (shadow work never queues "
+        "without bound)."))
+
     @field_validator("redact_patterns", mode="before")
     @classmethod
     def _patterns_from_json(cls, v: Any) -> Any:

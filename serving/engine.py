@@ -3,16 +3,19 @@
 Why a single thread: the model, its KV caches and the peft adapter table are only ever touched by it, so an
 adapter swap (queued by the API or the watcher) is applied *between* batches and no request sees a half-
 loaded adapter. Requests queue up; the worker takes whole requests (all `n` rows of one request run in one
-batch, hence under one adapter version) until `max_batch_size` rows or `batch_wait_ms` have passed, and runs
-them through `model_runtime.sampling.sample`, which already mixes per-row decoding parameters and records the
-logprob of each token. Top-logprob alternatives (opt-in) are read from one scoring pass over the finished
+batch, under one adapter) until `max_batch_size` rows or `batch_wait_ms` have passed, and runs them through
+`model_runtime.sampling.sample`, which already mixes per-row decoding parameters and records the logprob of
+each token; rows of different adapters share the batch through peft's per-row `adapter_names`. Background
+(mirrored) requests run only when no client request waits. Top-logprob alternatives (opt-in) are read from one scoring pass over the finished
 rows, with `model_runtime.logprobs.completion_logits` and the same logit processing as sampling; prompt
 logprobs (vLLM's `prompt_logprobs`, opt-in) from one pass over the prompt, under the model's own distribution.
 
     engine = EmbeddedEngine.from_dir(student_dir, max_batch_size=8)
     job = engine.submit([RowRequest(prompt_ids, DecodeParams(max_tokens=32))])
     print(job.future.result().rows[0].completion_ids)
-    engine.set_adapter(AdapterInfo("3", adapter_dir)).result()
+    engine.set_adapter(AdapterInfo("3", adapter_dir)).result()          # the default adapter (the champion)
+    engine.load_named_adapter(AdapterInfo("4", candidate_dir)).result()  # resident beside it
+    engine.submit(rows, adapter="4", background=True)                   # a mirrored request, yielding to clients
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -47,54 +50,97 @@ from foundation.errors import AdapterError, ConfigError, EngineError, ShadowDist
 log = logging.getLogger(__name__)
 
 
-class AdapterSlot:
-    """The base model and at most one active LoRA adapter; only the worker thread calls its methods."""
+class AdapterTable:
+    """The base model and its resident LoRA adapters: the default one (what the served model name runs; None =
+    the base) and named ones beside it. Only the worker thread calls its methods.
+
+    All adapters live in one peft model under internal names; a batch that mixes adapters runs in one forward
+    pass with peft's per-row `adapter_names` ("__base__" for a row on the bare base). With no adapter resident
+    the LoRA layers are removed (`unload`), so the base runs at full speed."""
+
+    BASE = "__base__"
 
     def __init__(self, base: torch.nn.Module):
         self.base = base
         self.peft = None
-        self.active: AdapterInfo | None = None
-        self._name: str | None = None
+        self.default: AdapterInfo | None = None
+        self.named: dict[str, AdapterInfo] = {}
+        self._peft_names: dict[str | None, str] = {}  # None: the default slot; else a named adapter's name
         self._counter = 0
 
     @property
     def model(self) -> torch.nn.Module:
         return self.peft if self.peft is not None else self.base
 
-    def set(self, adapter: AdapterInfo | None) -> None:
-        if adapter is None:
-            self.clear()
-            return
-        from peft import PeftModel
+    def set_default(self, adapter: AdapterInfo | None) -> None:
+        self._set(None, adapter)
+        self.default = adapter
 
-        # peft adapter names become module keys (no dots); the version string is kept beside them.
+    def set_named(self, adapter: AdapterInfo) -> None:
+        self._set(adapter.version, adapter)
+        self.named[adapter.version] = adapter
+
+    def drop_named(self, name: str) -> None:
+        if name not in self.named:
+            raise EngineError(f"no adapter named {name!r} is loaded")
+        self._set(name, None)
+        del self.named[name]
+
+    def version_of(self, key: str | None) -> str | None:
+        """The version a job's adapter key runs (None: the base)."""
+        if key is None:
+            return self.default.version if self.default else None
+        if key not in self.named:
+            raise EngineError(f"no adapter named {key!r} is loaded")
+        return key
+
+    def forward_kwargs(self, keys: Sequence[str | None]) -> dict:
+        """peft's `adapter_names` for rows whose jobs chose these adapter keys (empty with no adapter loaded)."""
+        if self.peft is None:
+            return {}
+        for key in set(keys):
+            self.version_of(key)  # raises for a named adapter unloaded since the job was queued
+        return {"adapter_names": [self._peft_names.get(k, self.BASE) for k in keys]}
+
+    def _set(self, slot: str | None, adapter: AdapterInfo | None) -> None:
+        """Put `adapter` into `slot` (None: remove it); on failure the table is as it was."""
+        old = self._peft_names.get(slot)
+        if adapter is None:
+            if old is not None:
+                self._delete(old)
+                del self._peft_names[slot]
+            return
         self._counter += 1
-        name = f"adapter_{self._counter}"
+        name = f"adapter_{self._counter}"  # peft names become module keys (no dots); versions stay beside them
         try:
-            if self.peft is None:
-                self.peft = PeftModel.from_pretrained(self.base, str(adapter.path), adapter_name=name).eval()
-            else:
-                self.peft.load_adapter(str(adapter.path), adapter_name=name)
-                self.peft.set_adapter(name)
-        except Exception as exc:  # peft raises many types for a bad folder; keep serving the old adapter
+            self._load(name, adapter)
+        except Exception as exc:  # peft raises many types for a bad folder; keep serving what was there
             self._drop_partial(name)
             raise AdapterError(f"cannot load adapter {adapter.version!r} from {adapter.path}: {exc}") from exc
-        if self._name is not None:
-            self.peft.delete_adapter(self._name)
-        self._name, self.active = name, adapter
+        self._peft_names[slot] = name
+        if old is not None:
+            self._delete(old)
 
-    def clear(self) -> None:
-        if self.peft is not None:
-            self.base = self.peft.unload()  # removes the LoRA layers without merging them
-        self.peft, self.active, self._name = None, None, None
+    def _load(self, name: str, adapter: AdapterInfo) -> None:
+        from peft import PeftModel
+
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.base, str(adapter.path), adapter_name=name).eval()
+        else:
+            self.peft.load_adapter(str(adapter.path), adapter_name=name)
+
+    def _delete(self, name: str) -> None:
+        if len(self.peft.peft_config) == 1:
+            self.base = self.peft.unload()  # the last adapter: remove the LoRA layers without merging them
+            self.peft = None
+        else:
+            if self.peft.active_adapter == name:  # peft refuses to delete the active one: activate another
+                self.peft.set_adapter(next(n for n in self.peft.peft_config if n != name))
+            self.peft.delete_adapter(name)
 
     def _drop_partial(self, name: str) -> None:
-        if self.peft is None:
-            return
-        if name in self.peft.peft_config:
-            self.peft.delete_adapter(name)
-        if self._name is not None:
-            self.peft.set_adapter(self._name)
+        if self.peft is not None and name in self.peft.peft_config:
+            self._delete(name)
 
 
 class EmbeddedEngine:
@@ -116,9 +162,10 @@ class EmbeddedEngine:
         self.observer = observer
         self.eos_ids = eos_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id
-        self._slot = AdapterSlot(model)
+        self._adapters = AdapterTable(model)
         self._jobs: deque[GenerationJob] = deque()
-        self._ops: deque[tuple[AdapterInfo | None, Future]] = deque()
+        self._background: deque[GenerationJob] = deque()  # mirrored work: taken only when no client job waits
+        self._ops: deque[tuple[str, Callable[[], None], Future]] = deque()
         self._cond = threading.Condition()
         self._closing = False
         self._failed: BaseException | None = None
@@ -134,23 +181,40 @@ class EmbeddedEngine:
     # ------------------------------------------------------------------------------------ public, any thread
 
     def active_adapter(self) -> AdapterInfo | None:
-        return self._slot.active
+        return self._adapters.default
 
-    def submit(self, rows: Sequence[RowRequest], on_token: TokenCallback | None = None) -> GenerationJob:
-        job = GenerationJob(list(rows), on_token)
+    def named_adapters(self) -> dict[str, AdapterInfo]:
+        return dict(self._adapters.named)
+
+    def submit(self, rows: Sequence[RowRequest], on_token: TokenCallback | None = None, *,
+               adapter: str | None = None, background: bool = False) -> GenerationJob:
+        job = GenerationJob(list(rows), on_token, adapter=adapter, background=background)
         with self._cond:
             if not self.is_alive():
                 raise EngineError(f"engine is not running ({self._failed or 'closed'})")
-            self._jobs.append(job)
+            if adapter is not None and adapter not in self._adapters.named:
+                raise EngineError(f"no adapter named {adapter!r} is loaded")
+            (self._background if background else self._jobs).append(job)
             self._cond.notify()
         return job
 
     def set_adapter(self, adapter: AdapterInfo | None) -> Future:
+        what = f"default adapter {adapter.version if adapter else 'none (base)'}"
+        return self._queue_op(what, lambda: self._adapters.set_default(adapter))
+
+    def load_named_adapter(self, adapter: AdapterInfo) -> Future:
+        return self._queue_op(f"named adapter {adapter.version}", lambda: self._adapters.set_named(adapter))
+
+    def unload_named_adapter(self, name: str) -> Future:
+        return self._queue_op(f"unloading named adapter {name}", lambda: self._adapters.drop_named(name))
+
+    def _queue_op(self, what: str, op: Callable[[], None]) -> Future:
+        """Adapter changes run on the worker thread, between batches: no request sees a half-loaded adapter."""
         done: Future = Future()
         with self._cond:
             if not self.is_alive():
                 raise EngineError(f"engine is not running ({self._failed or 'closed'})")
-            self._ops.append((adapter, done))
+            self._ops.append((what, op, done))
             self._cond.notify()
         return done
 
@@ -159,6 +223,9 @@ class EmbeddedEngine:
 
     def queue_depth(self) -> int:
         return len(self._jobs)
+
+    def background_depth(self) -> int:
+        return len(self._background)
 
     def close(self, timeout_s: float = 10.0) -> None:
         with self._cond:
@@ -172,7 +239,7 @@ class EmbeddedEngine:
         try:
             while True:
                 with self._cond:
-                    while not (self._jobs or self._ops or self._closing):
+                    while not (self._jobs or self._background or self._ops or self._closing):
                         self._cond.wait()
                     if self._closing and not self._jobs:
                         break
@@ -191,59 +258,86 @@ class EmbeddedEngine:
             with self._cond:
                 if not self._ops:
                     return
-                adapter, done = self._ops.popleft()
+                what, op, done = self._ops.popleft()
             try:
-                self._slot.set(adapter)
-                log.info("serving adapter %s", adapter.version if adapter else "none (base)")
+                op()
+                log.info("serving: %s", what)
                 done.set_result(None)
-            except Exception as exc:  # a failed swap keeps the old adapter and must not end the worker
-                log.error("adapter swap to %s failed: %s", adapter.version if adapter else "base", exc)
+            except Exception as exc:  # a failed swap keeps the old adapters and must not end the worker
+                log.error("%s failed: %s", what, exc)
                 done.set_exception(exc if isinstance(exc, ShadowDistillError) else AdapterError(str(exc)))
 
     def _take_batch(self) -> list[GenerationJob]:
+        """Client jobs first, filling a batch for up to `batch_wait_ms`; background jobs only when no client job
+        waits, and then without waiting for more (a client arriving meanwhile waits at most one batch)."""
         batch: list[GenerationJob] = []
         rows = 0
         deadline = time.monotonic() + self.batch_wait_s
         with self._cond:
             while True:
-                while self._jobs and (not batch or rows + len(self._jobs[0].rows) <= self.max_batch_size):
-                    job = self._jobs.popleft()
-                    if job.cancelled:
-                        job.future.cancel()
-                        continue
-                    batch.append(job)
-                    rows += len(job.rows)
+                rows += self._fill(batch, self._jobs, rows)
                 remaining = deadline - time.monotonic()
                 full = rows >= self.max_batch_size or (self._jobs and batch)
+                if not batch and not self._jobs and self._background and not self._closing:
+                    self._fill(batch, self._background, 0)
+                    return batch
                 if not batch or full or remaining <= 0 or self._ops or self._closing:
                     return batch
                 self._cond.wait(remaining)
 
+    def _fill(self, batch: list[GenerationJob], queue: deque[GenerationJob], rows: int) -> int:
+        """Move whole jobs from `queue` into `batch` while they fit; return the rows added."""
+        added = 0
+        while queue and (not batch or rows + added + len(queue[0].rows) <= self.max_batch_size):
+            job = queue.popleft()
+            if job.cancelled:
+                job.future.cancel()
+                continue
+            batch.append(job)
+            added += len(job.rows)
+        return added
+
     def _run_batch(self, batch: list[GenerationJob]) -> None:
+        batch = self._runnable(batch)
+        if not batch:
+            return
         owners = [(job, i) for job in batch for i in range(len(job.rows))]
         rows = [job.rows[i] for job, i in owners]
-        model, version = self._slot.model, self._slot.active.version if self._slot.active else None
+        keys = [job.adapter for job, _ in owners]
+        model, kwargs = self._adapters.model, self._adapters.forward_kwargs(keys)
         started = time.perf_counter()
         try:
             results = sample(model, [r.prompt_ids for r in rows], [r.params for r in rows], eos_ids=self.eos_ids,
                              pad_id=self.pad_id, stop_check=self._stop_check(owners, rows),
-                             on_token=self._on_token(owners))
-            alternatives = self._alternatives(model, rows, results)
-            prompt_logprobs = self._prompt_logprobs(model, rows)
+                             on_token=self._on_token(owners), model_kwargs=kwargs)
+            alternatives = self._alternatives(model, rows, results, keys)
+            prompt_logprobs = self._prompt_logprobs(model, rows, keys)
         except Exception as exc:  # one bad batch fails its requests, not the server
             log.exception("batch of %d rows failed", len(rows))
             for job in batch:
                 job.future.set_exception(EngineError(f"generation failed: {exc}"))
             return
-        tokens = sum(len(r.completion_ids) for r in results)
+        tokens, seconds = sum(len(r.completion_ids) for r in results), time.perf_counter() - started
         if self.observer is not None:
-            self.observer.on_batch(len(rows), tokens, time.perf_counter() - started)
+            self.observer.on_batch(len(rows), tokens, seconds)
         by_job: dict[int, list[RowResult]] = {id(job): [] for job in batch}
         for (job, _), row, res, alt, plp in zip(owners, rows, results, alternatives, prompt_logprobs, strict=True):
             by_job[id(job)].append(_row_result(res, row.params, alt, plp))
         for job in batch:
             if not job.future.cancelled():
-                job.future.set_result(GenerationOutput(by_job[id(job)], version))
+                job.future.set_result(GenerationOutput(by_job[id(job)], self._adapters.version_of(job.adapter),
+                                                       seconds))
+
+    def _runnable(self, batch: list[GenerationJob]) -> list[GenerationJob]:
+        """The jobs whose named adapter is still loaded (one unloaded since it was queued fails alone)."""
+        keep = []
+        for job in batch:
+            try:
+                self._adapters.version_of(job.adapter)
+                keep.append(job)
+            except EngineError as exc:
+                job.future.set_exception(exc)
+        return keep
 
     def _stop_check(self, owners, rows):
         matchers = [StopMatcher(self.tokenizer, r.stop, r.skip_special_tokens) for r in rows]
@@ -266,13 +360,14 @@ class EmbeddedEngine:
         return on_token
 
     @torch.no_grad()
-    def _alternatives(self, model, rows: list[RowRequest], results: list[SampleResult]):
+    def _alternatives(self, model, rows: list[RowRequest], results: list[SampleResult], keys: list[str | None]):
         """Top-k of the distribution each token was drawn from (raw for greedy), for rows that asked."""
         out: list[list[list[tuple[int, float]]] | None] = [None] * len(rows)
         for b, (row, res) in enumerate(zip(rows, results, strict=True)):
             if not row.top_logprobs or not res.completion_ids:
                 continue
-            cl = completion_logits(model, [row.prompt_ids], [res.completion_ids], self.pad_id)
+            cl = completion_logits(model, [row.prompt_ids], [res.completion_ids], self.pad_id,
+                                   self._adapters.forward_kwargs([keys[b]]))
             per_token = []
             for j, logits_V in enumerate(cl.logits_BCV[0, : len(res.completion_ids)]):
                 logp_V = _behaviour_distribution(logits_V, row.params, j, self.eos_ids)
@@ -283,24 +378,24 @@ class EmbeddedEngine:
         return out
 
     @torch.no_grad()
-    def _prompt_logprobs(self, model, rows: list[RowRequest]) -> list[PromptLogprobs | None]:
-        """vLLM's `prompt_logprobs` for rows that asked, one scoring pass per distinct prompt."""
+    def _prompt_logprobs(self, model, rows: list[RowRequest], keys: list[str | None]) -> list[PromptLogprobs | None]:
+        """vLLM's `prompt_logprobs` for rows that asked, one scoring pass per distinct prompt and adapter."""
         out: list[PromptLogprobs | None] = [None] * len(rows)
-        done: dict[tuple[tuple[int, ...], int], PromptLogprobs] = {}
+        done: dict[tuple[tuple[int, ...], int, str | None], PromptLogprobs] = {}
         for b, row in enumerate(rows):
             if row.prompt_logprobs is None:
                 continue
-            key = (row.prompt_ids, row.prompt_logprobs)
+            key = (row.prompt_ids, row.prompt_logprobs, keys[b])
             if key not in done:
-                done[key] = self._score_prompt(model, row.prompt_ids, row.prompt_logprobs)
+                done[key] = self._score_prompt(model, row.prompt_ids, row.prompt_logprobs, keys[b])
             out[b] = done[key]
         return out
 
-    def _score_prompt(self, model, prompt: tuple[int, ...], k: int) -> PromptLogprobs:
+    def _score_prompt(self, model, prompt: tuple[int, ...], k: int, key: str | None) -> PromptLogprobs:
         """None for position 0 (nothing predicts it), then the top-k and the prompt's own token, with ranks."""
         if len(prompt) < 2:
             return [None]
-        cl = completion_logits(model, [prompt[:1]], [prompt[1:]], self.pad_id)
+        cl = completion_logits(model, [prompt[:1]], [prompt[1:]], self.pad_id, self._adapters.forward_kwargs([key]))
         entries: PromptLogprobs = [None]
         for tok, logits_V in zip(prompt[1:], cl.logits_BCV[0, : len(prompt) - 1], strict=True):
             logp_V = torch.log_softmax(logits_V.float(), dim=-1)
@@ -314,14 +409,15 @@ class EmbeddedEngine:
 
     def _fail_pending(self, exc: BaseException) -> None:
         with self._cond:
-            jobs, ops = list(self._jobs), list(self._ops)
+            jobs, ops = list(self._jobs) + list(self._background), list(self._ops)
             self._jobs.clear()
+            self._background.clear()
             self._ops.clear()
         error = exc if isinstance(exc, ShadowDistillError) else EngineError(f"engine stopped: {exc}")
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(error)
-        for _, done in ops:
+        for _, _, done in ops:
             done.set_exception(error)
 
 

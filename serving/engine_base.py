@@ -64,6 +64,7 @@ class RowResult:
 class GenerationOutput:
     rows: list[RowResult]
     adapter_version: str | None  # the adapter every row ran under (None: the base)
+    generation_s: float | None = None  # time the engine spent on the batch (not queueing); None: not measured
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from serving.protocol import (
     UsageInfo,
     error_response,
 )
+from serving.shadow_mirror import ShadowMirror
 from serving.trajectories import TrajectoryLog
 from foundation.errors import ShadowDistillError
 
@@ -87,6 +88,7 @@ class Plan:
     rows: list[RowRequest]
     n: int
     end_user: str | None = None  # the request's `user`, hashed into its trajectories
+    adapter: str | None = None  # a named adapter the request's `model` asked for; None: the default (champion)
     grant: Grant = field(default_factory=Grant)  # what the key's rate limits reserved (default: unlimited)
 
     @property
@@ -104,10 +106,11 @@ def rate_limited(refusal: Refusal) -> ErrorResponse:
 
 class OpenAIServing:
     def __init__(self, engine: Engine, config: ServingConfig, log: TrajectoryLog | None = None,
-                 limiter: RateLimiter | None = None):
+                 limiter: RateLimiter | None = None, mirror: ShadowMirror | None = None):
         self.engine = engine
         self.config = config
         self.log = log
+        self.mirror = mirror
         self.limiter = limiter or RateLimiter(config.rate_limit_replicas)
         self.tokenizer = engine.tokenizer
         self.vocab_size = len(engine.tokenizer)
@@ -119,19 +122,30 @@ class OpenAIServing:
     # ---------------------------------------------------------------------------------------- models
 
     def check_model(self, name: str) -> ErrorResponse | None:
+        found = self.adapter_for(name)
+        return found if isinstance(found, ErrorResponse) else None
+
+    def adapter_for(self, name: str) -> str | None | ErrorResponse:
+        """Which adapter a request's `model` runs: None for the served name or the default adapter's version, the
+        name of a named adapter (vLLM's multi-LoRA), or the 404 of a model this server does not have."""
         adapter = self.engine.active_adapter()
         if name == self.served_model_name or (adapter is not None and name == adapter.version):
             return None
+        if name in self.engine.named_adapters():
+            return name
         return error_response(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
     def model_list(self) -> ModelList:
         adapter = self.engine.active_adapter()
         version = adapter.version if adapter else None
-        cards = [ModelCard(id=self.served_model_name, root=self.engine.base_model_id,
-                           max_model_len=self.engine.max_model_len, adapter_version=version)]
+        limit = self.engine.max_model_len
+        cards = [ModelCard(id=self.served_model_name, root=self.engine.base_model_id, max_model_len=limit,
+                           adapter_version=version)]
         if adapter is not None:
             cards.append(ModelCard(id=adapter.version, root=str(adapter.path), parent=self.served_model_name,
-                                   max_model_len=self.engine.max_model_len, adapter_version=version))
+                                   max_model_len=limit, adapter_version=version))
+        cards += [ModelCard(id=name, root=str(named.path), parent=self.served_model_name, max_model_len=limit,
+                            adapter_version=name) for name, named in sorted(self.engine.named_adapters().items())]
         return ModelList(data=cards)
 
     # ---------------------------------------------------------------------------------------- planning
@@ -176,7 +190,10 @@ class OpenAIServing:
             for i in range(req.n):
                 rows.append(self._row(req, prompt, max_tokens, (base_seed + p * req.n + i) % SEED_MODULUS,
                                       alternatives))
-        return Plan(prompts, rows, req.n, req.end_user)
+        adapter = self.adapter_for(req.model)
+        if isinstance(adapter, ErrorResponse):
+            return adapter
+        return Plan(prompts, rows, req.n, req.end_user, adapter)
 
     def admit(self, ctx: RequestContext, plan: Plan) -> ErrorResponse | None:
         """Take the request's share of its key's limits (kept in `plan.grant`), or the 429 that refuses it."""
@@ -243,13 +260,14 @@ class OpenAIServing:
 
     async def generate(self, plan: Plan) -> GenerationOutput | ErrorResponse:
         """The plan's rows generated, and its grant charged with what they used (nothing when they failed)."""
-        out = await self._generate(plan.rows)
+        out = await self._generate(plan.rows, plan.adapter)
         plan.grant.settle(0 if isinstance(out, ErrorResponse) else self.usage(plan, out).total_tokens)
         return out
 
-    async def _generate(self, rows: Sequence[RowRequest]) -> GenerationOutput | ErrorResponse:
+    async def _generate(self, rows: Sequence[RowRequest], adapter: str | None = None
+                        ) -> GenerationOutput | ErrorResponse:
         try:
-            job = self.engine.submit(rows)
+            job = self.engine.submit(rows, adapter=adapter)
         except ShadowDistillError as exc:
             return self.engine_error(exc)
         try:
@@ -260,7 +278,8 @@ class OpenAIServing:
             if not job.future.done():
                 job.cancel()
 
-    async def stream(self, rows: Sequence[RowRequest]) -> AsyncIterator[TokenEvent | GenerationOutput]:
+    async def stream(self, rows: Sequence[RowRequest], adapter: str | None = None
+                     ) -> AsyncIterator[TokenEvent | GenerationOutput]:
         """Yield token events as the engine samples them, then the full output (engine errors are raised)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
@@ -271,7 +290,7 @@ class OpenAIServing:
             except RuntimeError:  # the event loop is gone (shutdown); the engine must not care
                 pass
 
-        job = self.engine.submit(rows, on_token=lambda row, tok, lp: post((row, tok, lp)))
+        job = self.engine.submit(rows, on_token=lambda row, tok, lp: post((row, tok, lp)), adapter=adapter)
         job.future.add_done_callback(lambda _: post(None))
         try:
             while (item := await queue.get()) is not None:
@@ -303,7 +322,7 @@ class OpenAIServing:
             yield line
         out: GenerationOutput | None = None
         try:
-            async with contextlib.aclosing(self.stream(plan.rows)) as events:
+            async with contextlib.aclosing(self.stream(plan.rows, plan.adapter)) as events:
                 async for item in events:
                     if isinstance(item, GenerationOutput):
                         out = item
@@ -357,8 +376,20 @@ class OpenAIServing:
 
     def trajectory_task(self, ctx: RequestContext, plan: Plan,
                         out: GenerationOutput) -> Callable[[], None] | None:
-        """A callable that builds and submits one trajectory per choice (run it after the response)."""
+        """A callable, run after the response, that submits one trajectory per choice and, for champion traffic the
+        shadow mirror selects, the same request again under the candidate (background work, logged as shadow)."""
+        mirror = self.mirror if plan.adapter is None and ctx.shadow_log else None
+        if mirror is not None:
+            mirror.record_client(out)
         if self.log is None or not ctx.shadow_log:
             return None
-        return self.log.task(ctx.request_id, ctx.caller.name, plan.end_user, plan.rows, out.rows,
-                             out.adapter_version)
+        log_task = self.log.task(ctx.request_id, ctx.caller.name, plan.end_user, plan.rows, out.rows,
+                                 out.adapter_version)
+        if mirror is None:
+            return log_task
+
+        def task() -> None:
+            log_task()
+            mirror.maybe_mirror(ctx.request_id, ctx.caller.name, plan.end_user, plan.rows)
+
+        return task

@@ -235,6 +235,15 @@ class UnloadLoRAAdapterRequest(AdminRequestModel):
     lora_name: str = Field(min_length=1, max_length=64)
 
 
+class ShadowRequest(AdminRequestModel):
+    """Mirror a share of live requests to a gated candidate (shadow mode)."""
+
+    version: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:@+-]+$",
+                         description="Registry version of the candidate; it must carry gate.passed=true.")
+    fraction: float | None = Field(default=None, gt=0.0, le=1.0,
+                                   description="Share of live requests to mirror (default: shadow_fraction).")
+
+
 # --------------------------------------------------------------------------------------------- responses
 
 

@@ -3,7 +3,7 @@
 
 Every handler reads what it needs from `request.app.state`:
     engine (Engine), config (ServingConfig), metrics (ServingMetrics), chat / completion (the OpenAI serving
-    objects), keys (KeyStore), admin (AdminToken)
+    objects), keys (KeyStore), admin (AdminToken), mirror (ShadowMirror)
 
 Auth is a dependency (`require_key` on /v1, `require_admin` on adapter control), and so is the body: every POST
 route takes `json_body(Model)`, which reads the JSON itself (so that every client mistake, malformed JSON
@@ -29,9 +29,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from foundation.errors import AdapterError, ShadowDistillError
+from foundation.errors import AdapterError, ConfigError, ShadowDistillError
 from model_runtime.adapters import check_adapter_dir
-from serving import openapi
+from serving import openapi, shadow_control
 from serving.auth import Caller, bearer
 from serving.engine_base import AdapterInfo
 from serving.middleware import error_json, read_json
@@ -41,6 +41,7 @@ from serving.protocol import (
     CompletionRequest,
     ErrorResponse,
     LoadLoRAAdapterRequest,
+    ShadowRequest,
     UnloadLoRAAdapterRequest,
     error_response,
 )
@@ -162,8 +163,10 @@ async def health(request: Request) -> Response:
     engine = request.app.state.engine
     if not engine.is_alive():
         raise APIError(error_response(503, "the engine is not running", code="engine_unavailable"))
-    adapter = engine.active_adapter()
-    return JSONResponse({"status": "ok", "adapter_version": adapter.version if adapter else None})
+    adapter, mirror = engine.active_adapter(), request.app.state.mirror
+    return JSONResponse({"status": "ok", "adapter_version": adapter.version if adapter else None,
+                         "named_adapters": sorted(engine.named_adapters()),
+                         "shadow": {"candidate": mirror.target, "last_error": mirror.last_error}})
 
 
 @router.get("/metrics")
@@ -191,9 +194,11 @@ async def completions(request: Request, ctx: RequestContext = Depends(request_co
 @router.post("/v1/load_lora_adapter", dependencies=ADMIN, openapi_extra=openapi.request_body("/v1/load_lora_adapter"))
 async def load_lora(request: Request, req: LoadLoRAAdapterRequest = Depends(json_body(LoadLoRAAdapterRequest))
                     ) -> Response:
+    """vLLM's runtime LoRA loading: the adapter becomes resident under `lora_name`, beside the champion (which the
+    watcher manages), and answers the requests whose `model` names it; its trajectories carry that name."""
     engine, config = request.app.state.engine, request.app.state.config
     active = engine.active_adapter()
-    if active is not None and active.version == req.lora_name:
+    if req.lora_name in engine.named_adapters() or (active is not None and active.version == req.lora_name):
         raise APIError(error_response(400, f"The lora adapter '{req.lora_name}' has already been loaded.",
                                       param="lora_name", code="invalid_value"))
     if config.adapters_root is None:
@@ -203,7 +208,7 @@ async def load_lora(request: Request, req: LoadLoRAAdapterRequest = Depends(json
     path = path if path.is_absolute() else config.adapters_root / path
     try:
         check_adapter_dir(path, engine.base_model_id, rank=config.lora_rank, root=config.adapters_root)
-        await asyncio.wrap_future(engine.set_adapter(AdapterInfo(req.lora_name, path)))
+        await asyncio.wrap_future(engine.load_named_adapter(AdapterInfo(req.lora_name, path)))
     except AdapterError as exc:
         raise APIError(error_response(400, str(exc), param="lora_path", code="invalid_adapter")) from None
     except ShadowDistillError as exc:
@@ -215,13 +220,42 @@ async def load_lora(request: Request, req: LoadLoRAAdapterRequest = Depends(json
              openapi_extra=openapi.request_body("/v1/unload_lora_adapter"))
 async def unload_lora(request: Request,
                       req: UnloadLoRAAdapterRequest = Depends(json_body(UnloadLoRAAdapterRequest))) -> Response:
-    engine = request.app.state.engine
-    active = engine.active_adapter()
-    if active is None or active.version != req.lora_name:
+    engine, mirror = request.app.state.engine, request.app.state.mirror
+    if req.lora_name not in engine.named_adapters():
         raise APIError(error_response(404, f"The lora adapter '{req.lora_name}' cannot be found.",
                                       param="lora_name", code="lora_not_found"))
+    if mirror.target == req.lora_name:
+        mirror.stop()
     try:
-        await asyncio.wrap_future(engine.set_adapter(None))
+        await asyncio.wrap_future(engine.unload_named_adapter(req.lora_name))
     except ShadowDistillError as exc:
         raise APIError(error_response(503, str(exc), code="engine_unavailable")) from None
     return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
+
+
+@router.post("/v1/shadow", dependencies=ADMIN, openapi_extra=openapi.request_body("/v1/shadow"))
+async def start_shadow(request: Request, req: ShadowRequest = Depends(json_body(ShadowRequest))) -> Response:
+    """Mirror live traffic to a gated candidate (see serving/shadow_control.py); 400 for any other version."""
+    state = request.app.state
+    try:
+        await shadow_control.start_shadow(state.config, state.engine, state.mirror, req.version, req.fraction)
+    except (AdapterError, ConfigError) as exc:
+        raise APIError(error_response(400, str(exc), param="version", code="invalid_value")) from None
+    except ShadowDistillError as exc:
+        raise APIError(error_response(503, str(exc), code="engine_unavailable")) from None
+    return JSONResponse(state.mirror.status())
+
+
+@router.delete("/v1/shadow", dependencies=ADMIN)
+async def stop_shadow(request: Request) -> Response:
+    state = request.app.state
+    try:
+        stopped = await shadow_control.stop_shadow(state.engine, state.mirror)
+    except ShadowDistillError as exc:
+        raise APIError(error_response(503, str(exc), code="engine_unavailable")) from None
+    return JSONResponse({"stopped": stopped, **state.mirror.status()})
+
+
+@router.get("/v1/shadow", dependencies=ADMIN)
+async def shadow_status(request: Request) -> Response:
+    return JSONResponse(request.app.state.mirror.status())

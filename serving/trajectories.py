@@ -103,7 +103,8 @@ def sampling_params(params: DecodeParams) -> SamplingParams:
 def build_trajectory(*, request_id: str, choice_index: int, caller: str | None, base_model_id: str,
                      adapter_version: str | None, params: DecodeParams, prompt_ids: Sequence[int],
                      result: RowResult, prompt_text: str | None, completion_text: str | None,
-                     created_at: datetime | None = None, user: str | None = None) -> TrajectoryV1:
+                     created_at: datetime | None = None, user: str | None = None,
+                     shadow: bool = False) -> TrajectoryV1:
     return TrajectoryV1(
         trajectory_id=uuid.uuid4().hex,
         request_id=request_id,
@@ -121,6 +122,7 @@ def build_trajectory(*, request_id: str, choice_index: int, caller: str | None, 
         finish_reason=result.finish_reason,
         prompt_text=prompt_text,
         completion_text=completion_text,
+        shadow=shadow,
     )
 
 
@@ -158,13 +160,14 @@ class TrajectoryLog:
         self.withholder = withholder or Withholder({})
 
     def task(self, request_id: str, caller_name: str | None, end_user: str | None, rows: Sequence[RowRequest],
-             results: Sequence[RowResult], adapter_version: str | None) -> Callable[[], None]:
-        """A callable that builds and submits one trajectory per choice not withheld (run it after the response)."""
+             results: Sequence[RowResult], adapter_version: str | None, *, shadow: bool = False) -> Callable[[], None]:
+        """A callable that builds and submits one trajectory per choice not withheld (run it after the response).
+        `shadow`: the answers of a candidate mirrored on this request (never returned, never trained on)."""
         created = datetime.now(UTC)
 
         def task() -> None:
             hashes = {"caller": caller_hash(caller_name, self.salt),
-                      "user": user_hash(caller_name, end_user, self.salt)}
+                      "user": user_hash(caller_name, end_user, self.salt), "shadow": shadow}
             fields = [self._fields(request_id, k, row, res, adapter_version, created, hashes)
                       for k, (row, res) in enumerate(zip(rows, results, strict=True))]
             submit_all(self.sink, [f for f in fields if f is not None])

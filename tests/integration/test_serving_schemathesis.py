@@ -78,7 +78,7 @@ def test_no_generated_request_gets_a_server_error(server):
     # `request.node._nodeid`, which pytest 9 no longer has; so the operations are looped here.
     schema = schemathesis.openapi.from_dict(api_schema(server.url, [server.model]))
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 7
+    assert len(operations) == 10  # /health /metrics /v1/models, 4 POST bodies, shadow mode's GET and DELETE
     failures, statuses = {}, {}
     for operation in operations:
         modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE] if operation.path in BODIES else [
@@ -98,8 +98,8 @@ def test_no_generated_request_gets_a_server_error(server):
 def test_the_published_schema_covers_every_route_with_its_body_and_auth(server):
     doc = httpx.get(f"{server.url}/openapi.json", timeout=10).json()  # open, like /health: no key sent
     routes = {(path, method) for path, ops in doc["paths"].items() for method in ops}
-    assert routes == {("/health", "get"), ("/metrics", "get"), ("/v1/models", "get"),
-                      *((p, "post") for p in BODIES)}
+    assert routes == {("/health", "get"), ("/metrics", "get"), ("/v1/models", "get"), ("/v1/shadow", "get"),
+                      ("/v1/shadow", "delete"), *((p, "post") for p in BODIES)}
     for path, model in BODIES.items():
         body = doc["paths"][path]["post"]["requestBody"]
         assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model.__name__}"}

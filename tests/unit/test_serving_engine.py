@@ -126,7 +126,7 @@ def test_adapter_swaps_between_batches_and_a_bad_adapter_keeps_the_old_one(stude
         assert again.rows[0].completion_ids == out1.rows[0].completion_ids
         eng.set_adapter(AdapterInfo("3", make_adapter(student, tmp_path / "v3", seed=3))).result(30)
         assert run(eng, greedy).adapter_version == "3"
-        assert len(eng._slot.peft.peft_config) == 1  # the replaced adapter was deleted, not kept in memory
+        assert len(eng._adapters.peft.peft_config) == 1  # the replaced adapter was deleted, not kept in memory
         eng.set_adapter(None).result(30)
         back = run(eng, greedy)
         assert back.adapter_version is None
@@ -175,3 +175,60 @@ def test_alternatives_under_min_tokens_agree_with_the_logged_logprobs(engine):
     res = masked_run(engine)
     picked = [dict(alts)[tok] for tok, alts in zip(res.completion_ids, res.top_logprobs, strict=True)]
     assert picked == pytest.approx(res.logprobs, abs=1e-4)
+
+
+def test_named_adapters_answer_beside_the_default_one_in_one_mixed_batch(student, tmp_path):
+    """vLLM's multi-LoRA: the champion answers the served name, a named adapter the requests that name it, and
+    a batch mixing them gives each row exactly what it gets alone."""
+    observer = Batches()
+    eng = new_engine(student, max_batch_size=4, batch_wait_ms=300, observer=observer)
+    try:
+        greedy = [row(max_tokens=8, temperature=0)]
+        eng.set_adapter(AdapterInfo("1", make_adapter(student, tmp_path / "v1", seed=1))).result(30)
+        eng.load_named_adapter(AdapterInfo("7", make_adapter(student, tmp_path / "v7", seed=7))).result(30)
+        alone_default, alone_named = run(eng, greedy), eng.submit(greedy, adapter="7").future.result(60)
+        observer.rows.clear()
+        jobs = [eng.submit(greedy), eng.submit(greedy, adapter="7")]
+        mixed_default, mixed_named = (j.future.result(60) for j in jobs)
+        assert observer.rows == [2]  # one batch
+        assert mixed_default.adapter_version == "1"
+        assert mixed_named.adapter_version == "7"
+        assert mixed_default.rows[0].completion_ids == alone_default.rows[0].completion_ids
+        assert mixed_named.rows[0].completion_ids == alone_named.rows[0].completion_ids
+        assert alone_named.rows[0].completion_ids != alone_default.rows[0].completion_ids
+        assert set(eng.named_adapters()) == {"7"}
+    finally:
+        eng.close()
+
+
+def test_an_unloaded_named_adapter_is_refused_and_the_base_comes_back_without_lora_layers(student, tmp_path):
+    eng = new_engine(student, batch_wait_ms=0)
+    try:
+        greedy = [row(max_tokens=8, temperature=0)]
+        base = run(eng, greedy)
+        eng.load_named_adapter(AdapterInfo("7", make_adapter(student, tmp_path / "v7", seed=7))).result(30)
+        assert run(eng, greedy).rows[0].completion_ids == base.rows[0].completion_ids  # default is still the base
+        eng.unload_named_adapter("7").result(30)
+        with pytest.raises(ShadowDistillError, match="no adapter named '7'"):
+            eng.submit(greedy, adapter="7")
+        assert eng._adapters.peft is None
+        assert run(eng, greedy).rows[0].completion_ids == base.rows[0].completion_ids
+    finally:
+        eng.close()
+
+
+def test_background_work_runs_only_when_no_client_work_waits(student):
+    observer = Batches()
+    eng = new_engine(student, max_batch_size=2, batch_wait_ms=0, observer=observer)
+    try:
+        order = []
+        blocker = eng.submit([row(max_tokens=6, seed=1)])  # occupies the worker
+        background = eng.submit([row(max_tokens=2, seed=2)], background=True)
+        clients = [eng.submit([row(max_tokens=2, seed=s)]) for s in (3, 4)]
+        for name, job in (("background", background), ("client-3", clients[0]), ("client-4", clients[1])):
+            job.future.add_done_callback(lambda _f, n=name: order.append(n))
+        for job in (blocker, background, *clients):
+            job.future.result(60)
+        assert order == ["client-3", "client-4", "background"]
+    finally:
+        eng.close()
