@@ -40,6 +40,24 @@ def save_adapter(peft_model, out: Path, base_model_id: str) -> Path:
     return out
 
 
+def random_adapter(student_dir: Path, out: Path, seed: int, rank: int = 4, scale: float = 0.5) -> Path:
+    """A LoRA adapter (q/v projections) with random A and B that visibly moves the student's logits: a stand-in
+    for a trained adapter in tests and benches (serving, shadow mode), saved like any other."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from model_runtime.models import ModelMeta, load_model
+
+    model = get_peft_model(load_model(student_dir, "cpu", torch.float32),
+                           LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"]))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    return save_adapter(model, Path(out), ModelMeta.read(student_dir).model_id)
+
+
 def check_adapter_dir(folder: Path, base_model_id: str, *, rank: int | None = None,
                       root: Path | None = None) -> AdapterMeta:
     """Refuse an adapter folder that is unsafe or does not fit; return its metadata when it does."""

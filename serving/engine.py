@@ -268,8 +268,10 @@ class EmbeddedEngine:
                 done.set_exception(exc if isinstance(exc, ShadowDistillError) else AdapterError(str(exc)))
 
     def _take_batch(self) -> list[GenerationJob]:
-        """Client jobs first, filling a batch for up to `batch_wait_ms`; background jobs only when no client job
-        waits, and then without waiting for more (a client arriving meanwhile waits at most one batch)."""
+        """Client jobs first, filling a batch for up to `batch_wait_ms`. Background jobs never delay a client: they
+        ride along in the free rows of a client batch when they are no longer than its rows (`max_tokens`), and
+        run on their own only when no client job waits, without waiting for more (a client arriving meanwhile
+        waits at most that one batch)."""
         batch: list[GenerationJob] = []
         rows = 0
         deadline = time.monotonic() + self.batch_wait_s
@@ -282,13 +284,20 @@ class EmbeddedEngine:
                     self._fill(batch, self._background, 0)
                     return batch
                 if not batch or full or remaining <= 0 or self._ops or self._closing:
+                    if batch and rows < self.max_batch_size:
+                        longest = max(r.params.max_tokens for job in batch for r in job.rows)
+                        self._fill(batch, self._background, rows, max_tokens=longest)
                     return batch
                 self._cond.wait(remaining)
 
-    def _fill(self, batch: list[GenerationJob], queue: deque[GenerationJob], rows: int) -> int:
-        """Move whole jobs from `queue` into `batch` while they fit; return the rows added."""
+    def _fill(self, batch: list[GenerationJob], queue: deque[GenerationJob], rows: int,
+              max_tokens: int | None = None) -> int:
+        """Move whole jobs from `queue` into `batch` while they fit (and, with `max_tokens`, are no longer than
+        that); return the rows added."""
         added = 0
         while queue and (not batch or rows + added + len(queue[0].rows) <= self.max_batch_size):
+            if max_tokens is not None and any(r.params.max_tokens > max_tokens for r in queue[0].rows):
+                break
             job = queue.popleft()
             if job.cancelled:
                 job.future.cancel()

@@ -1,5 +1,6 @@
 """The embedded engine on the tiny student: batching, seeds, stops, alternatives, adapter swaps, failures."""
 
+import threading
 import time
 from concurrent.futures import CancelledError
 
@@ -230,5 +231,22 @@ def test_background_work_runs_only_when_no_client_work_waits(student):
         for job in (blocker, background, *clients):
             job.future.result(60)
         assert order == ["client-3", "client-4", "background"]
+    finally:
+        eng.close()
+
+
+def test_background_work_rides_along_in_the_free_rows_of_a_client_batch_never_longer_than_it(student):
+    observer = Batches()
+    eng = new_engine(student, max_batch_size=4, batch_wait_ms=0, observer=observer)
+    try:
+        running = threading.Event()
+        blocker = eng.submit([row(max_tokens=64, seed=1, ignore_eos=True)], on_token=lambda *_: running.set())
+        assert running.wait(30)  # the worker is busy with the blocker while the others queue
+        short = eng.submit([row(max_tokens=4, seed=2)], background=True)
+        longer = eng.submit([row(max_tokens=8, seed=3)], background=True)
+        client = eng.submit([row(max_tokens=4, seed=4)])
+        for job in (blocker, short, longer, client):
+            job.future.result(60)
+        assert observer.rows == [1, 2, 1]  # the blocker; the client with the short mirror; the longer one alone
     finally:
         eng.close()
