@@ -11,7 +11,11 @@ place it lives (no cache here), so an alias a reviewer moves in the MLflow UI co
   the version just demoted, so a second rollback undoes the first.
 
 Every action appends a JSON entry (`audit.NNNN` = {action, actor, at, details}) to the version's tags, and every
-alias move appends one to the registered model's tags. Tags never hold URIs with credentials or secret-looking
+alias move appends one to the registered model's tags (`model_registry.audit`). An alias moved outside
+shadow-distill (the MLflow UI) leaves a position no entry explains: `reconcile_aliases` (run by every action here
+and by serving's champion poll) appends its entry with actor "unknown (...)", the time it was noticed and the
+version's gate tags, and, for a champion move, sets `previous` to the champion before it as `approve` does, so a
+UI approval can be rolled back like any other. MLflow cannot say who moved an alias, nor when. Tags never hold URIs with credentials or secret-looking
 keys: such tags are refused. Version tags are written before aliases move, so an approval or rollback that
 failed before its alias moves is completed by running it again (with a repeated audit entry). Audit numbers are
 read-then-written: two writers acting in the same instant could overwrite one entry (approvals are human-paced;
@@ -27,14 +31,12 @@ the nightly registration is one Airflow task).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,18 @@ from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
 from foundation.errors import RegistryError
+from model_registry.audit import (
+    AUDIT_PREFIX,
+    MLFLOW_KNOWS,
+    UNKNOWN_ACTOR,
+    audit_entries,
+    audit_entry,
+    audit_key,
+    gate_evidence,
+    next_audit_key,
+    unexplained,
+    utc_now,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +74,6 @@ TAG_APPROVED_AT = "approved_at"
 TAG_ROLLED_BACK_BY = "rolled_back_by"
 TAG_ROLLED_BACK_AT = "rolled_back_at"
 TAG_PARENT = "parent_version"  # the champion a version was trained from; "" = the student base
-AUDIT_PREFIX = "audit."
 RESERVED_TAGS = frozenset({TAG_GATE_PASSED, TAG_INTERVAL_KEY, TAG_APPROVED_BY, TAG_APPROVED_AT,
                            TAG_ROLLED_BACK_BY, TAG_ROLLED_BACK_AT, TAG_PARENT})
 
@@ -95,10 +108,6 @@ class VersionInfo:
 
 # ---- pure helpers -------------------------------------------------------------------------------------------
 
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 def check_no_secret(key: str, value: str) -> None:
     """Refuse a tag that looks like it carries a credential. The message names the key, never the value."""
     if _SECRET_KEY.search(key) or _SECRET_VALUE.search(value):
@@ -129,30 +138,6 @@ def parse_version(version: str | int) -> str:
     if not text.isdigit() or int(text) < 1:
         raise RegistryError(f"model version {version!r} is not a positive integer")
     return str(int(text))
-
-
-def audit_entry(action: str, actor: str, at: str, details: dict[str, Any]) -> str:
-    return json.dumps({"action": action, "actor": actor, "at": at, "details": details}, sort_keys=True)
-
-
-def audit_key(n: int) -> str:
-    return f"{AUDIT_PREFIX}{n:04d}"
-
-
-def audit_entries(tags: dict[str, str]) -> list[dict[str, Any]]:
-    """The audit entries held in `tags`, oldest first."""
-    numbered = []
-    for key, value in tags.items():
-        suffix = key.removeprefix(AUDIT_PREFIX)
-        if key.startswith(AUDIT_PREFIX) and suffix.isdigit():
-            numbered.append((int(suffix), json.loads(value)))
-    return [entry for _, entry in sorted(numbered, key=lambda item: item[0])]
-
-
-def next_audit_key(tags: dict[str, str]) -> str:
-    used = [int(k.removeprefix(AUDIT_PREFIX)) for k in tags
-            if k.startswith(AUDIT_PREFIX) and k.removeprefix(AUDIT_PREFIX).isdigit()]
-    return audit_key(max(used, default=0) + 1)
 
 
 @dataclass
@@ -235,7 +220,9 @@ class Registry:
         if not interval_key or not _SAFE_FILTER_VALUE.fullmatch(interval_key):
             raise RegistryError(f"interval_key {interval_key!r} must be 1-250 characters without quotes")
         check_caller_tags(tags)
-        state = self._ensure_model()
+        self._ensure_model()
+        self.reconcile_aliases()
+        state = self._model_state() or _ModelState({}, {})
         existing = self._find_by_interval(interval_key)
         if existing is not None:
             if existing.run_id != run_id:
@@ -271,6 +258,7 @@ class Registry:
         if reviewer.casefold() == PIPELINE_IDENTITY.casefold():
             raise RegistryError(f"{action}: reviewer {reviewer!r} is the pipeline itself; a person must approve")
         target = self.version(version)
+        self.reconcile_aliases(noticed_by=reviewer)
         if not target.gate_passed:
             raise RegistryError(f"{action} by {reviewer!r}: it did not pass the gate "
                                 f"({TAG_GATE_PASSED}={target.tags.get(TAG_GATE_PASSED)!r}); only gated versions "
@@ -294,6 +282,7 @@ class Registry:
         """champion <- previous; previous <- the demoted version (a second rollback undoes the first)."""
         action = f"roll back {self.model_name}"
         actor = check_person(actor, action=action, role="actor")
+        self.reconcile_aliases(noticed_by=actor)
         state = self._model_state()
         aliases = state.aliases if state else {}
         if ALIAS_PREVIOUS not in aliases:
@@ -316,6 +305,54 @@ class Registry:
                             (ALIAS_PREVIOUS, demoted.version if demoted else None)], actor=actor, state=state)
         log.info("%s by %s: champion %s -> %s", action, actor, details["from"], details["to"])
         return self.version(previous.version)
+
+    # -- alias moves made outside shadow-distill --
+
+    def reconcile_aliases(self, noticed_by: str = PIPELINE_IDENTITY) -> list[dict[str, Any]]:
+        """Audit every alias position the trail does not explain (moved in the MLflow UI); returns those entries.
+
+        Each gets a model entry (actor `UNKNOWN_ACTOR`, `at` = now, the version and its gate tags); a champion
+        move also gets a version entry (`approve` when the version passed the gate, `champion_ungated` when not:
+        serving refuses it) and moves `previous` to the champion before it, unless `previous` was moved by hand
+        too. Idempotent: once written, the positions are explained. A read-only MLflow login (serving's) cannot
+        write them: `RegistryError`, and the next writer's call records them.
+        """
+        state = self._model_state()
+        if state is None:
+            return []
+        moves = unexplained(state.aliases, state.tags)
+        entries = []
+        try:
+            for alias, (old, new) in sorted(moves.items(), key=lambda item: item[0] != ALIAS_CHAMPION):
+                entries.append(self._record_outside_move(state, alias, old, new, noticed_by))
+            old_champion = moves.get(ALIAS_CHAMPION, (None, None))[0]
+            if old_champion is not None and ALIAS_PREVIOUS not in moves \
+                    and state.aliases.get(ALIAS_PREVIOUS) != old_champion:
+                self._move_aliases([(ALIAS_PREVIOUS, old_champion)], state=state,
+                                   actor=f"{noticed_by} (reconcile: the champion before an outside move)")
+        except MlflowException as exc:
+            raise RegistryError(f"{self.model_name}: alias moved outside shadow-distill ({moves}) noticed by "
+                                f"{noticed_by!r} but not recorded: {exc.message}") from exc
+        return entries
+
+    def _record_outside_move(self, state: _ModelState, alias: str, old: str | None, new: str | None,
+                             noticed_by: str) -> dict[str, Any]:
+        at = utc_now()
+        target = self.version(new) if new is not None else None
+        details = {"alias": alias, "from": old, "to": new, "outside": True, "noticed_by": noticed_by,
+                   "gate_passed": target.gate_passed if target else None,
+                   "gate": gate_evidence(target.tags) if target else {}, "mlflow": MLFLOW_KNOWS}
+        log.warning("%s: alias %r moved outside shadow-distill: %s -> %s (gate passed: %s); recorded by %s",
+                    self.model_name, alias, old, new, details["gate_passed"], noticed_by)
+        if alias == ALIAS_CHAMPION and target is not None:
+            action = "approve" if target.gate_passed else "champion_ungated"
+            self._set_tags(target, {}, audit=(action, UNKNOWN_ACTOR, at, {
+                "replaced_champion": old, "outside": True, "noticed_by": noticed_by, "gate": details["gate"],
+                "mlflow": MLFLOW_KNOWS}))
+        key = next_audit_key(state.tags)
+        state.tags[key] = audit_entry("alias", UNKNOWN_ACTOR, at, details)
+        self._client.set_registered_model_tag(self.model_name, key, state.tags[key])
+        return {"action": "alias", "actor": UNKNOWN_ACTOR, "at": at, "details": details}
 
     # -- serving --
 

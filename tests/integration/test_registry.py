@@ -32,6 +32,7 @@ from model_registry import (
     PIPELINE_IDENTITY,
     Registry,
 )
+from model_registry.audit import UNKNOWN_ACTOR
 from model_runtime.adapters import ADAPTER_META
 from foundation.errors import RegistryError, ShadowDistillError
 
@@ -212,6 +213,78 @@ def test_aliases_moved_outside_are_followed(reg, runs):
     assert reg.champion().version == v2.version
     ui.delete_registered_model_alias(reg.model_name, ALIAS_CHAMPION)
     assert reg.champion() is None
+
+
+# ---- aliases moved outside shadow-distill (the MLflow UI) ---------------------------------------------------
+
+def ui_client(reg: Registry) -> MlflowClient:
+    return MlflowClient(tracking_uri=reg.tracking_uri, registry_uri=reg.tracking_uri)  # a reviewer in the UI
+
+
+@pytest.fixture
+def ui_approved(reg, runs):
+    """v1 approved with `promote approve`, then v2 made champion in the MLflow UI, then reconciled once."""
+    v1, v2 = register(reg, runs, "2025-07-01"), register(reg, runs, "2025-07-02")
+    reg.approve(v1.version, "alice")
+    ui_client(reg).set_registered_model_alias(reg.model_name, ALIAS_CHAMPION, v2.version)
+    reg.reconcile_aliases()
+    return reg, v1, v2
+
+
+def last_champion_move(reg: Registry) -> dict:
+    return [e for e in reg.model_audit_trail() if e["details"]["alias"] == ALIAS_CHAMPION][-1]
+
+
+def test_a_ui_champion_move_is_audited_with_an_unknown_actor(ui_approved):
+    reg, _, _ = ui_approved
+    assert last_champion_move(reg)["actor"] == UNKNOWN_ACTOR
+
+
+def test_a_ui_champion_move_is_audited_from_and_to_its_versions(ui_approved):
+    reg, v1, v2 = ui_approved
+    details = last_champion_move(reg)["details"]
+    assert (details["from"], details["to"]) == (v1.version, v2.version)
+
+
+def test_a_ui_champion_move_carries_the_versions_gate_evidence(ui_approved):
+    reg, _, _ = ui_approved
+    assert last_champion_move(reg)["details"]["gate"] == {"gate.ifeval_prompt_strict": "0.41", "gate.passed": "true"}
+
+
+def test_a_ui_champion_move_says_when_it_was_noticed_not_when_it_happened(ui_approved):
+    reg, _, _ = ui_approved
+    assert "no author and no time" in last_champion_move(reg)["details"]["mlflow"]
+
+
+def test_a_ui_approval_is_on_the_versions_trail_as_an_approve(ui_approved):
+    reg, _, v2 = ui_approved
+    entry = reg.audit_trail(v2.version)[-1]
+    assert (entry["action"], entry["actor"]) == ("approve", UNKNOWN_ACTOR)
+
+
+def test_a_ui_approval_can_be_rolled_back_like_any_other(ui_approved):
+    reg, v1, _ = ui_approved
+    assert reg.rollback("bob").version == v1.version
+
+
+def test_reconcile_records_a_move_once(ui_approved):
+    reg, _, _ = ui_approved
+    assert reg.reconcile_aliases() == []
+
+
+def test_a_ui_move_to_an_ungated_version_is_audited_as_such(reg, runs):
+    failed = register(reg, runs, "2025-07-03", passed=False)
+    ui_client(reg).set_registered_model_alias(reg.model_name, ALIAS_CHAMPION, failed.version)
+    reg.reconcile_aliases()
+    assert reg.audit_trail(failed.version)[-1]["action"] == "champion_ungated"
+
+
+def test_every_registry_action_reconciles_first(reg, runs):
+    v1, v2 = register(reg, runs, "2025-07-04"), register(reg, runs, "2025-07-05")
+    ui_client(reg).set_registered_model_alias(reg.model_name, ALIAS_CHAMPION, v1.version)
+    reg.approve(v2.version, "carol")
+    moves = [(e["actor"], e["details"]["to"]) for e in reg.model_audit_trail() if e["details"]["alias"] == ALIAS_CHAMPION]
+    assert moves == [(UNKNOWN_ACTOR, v1.version), ("carol", v2.version)]
 
 
 def test_audit_trail_records_each_action(reg, runs):
