@@ -63,7 +63,23 @@ def wire_metrics(metrics: ServingMetrics, engine: Engine, sink: TrajectorySink |
         metrics.add_stats("shadow_log", sink.stats)
     if watcher is not None:
         metrics.add_stats("shadow_adapter_watcher", watcher.stats)
+        metrics.champion_refused = watcher.refused_version
+    if hasattr(engine, "stats"):  # the vLLM gateway: upstream health, adapter reloads, logprob mode
+        metrics.add_stats("shadow_vllm_gateway", engine.stats)
     return metrics
+
+
+def health_details(engine: Engine, watcher: AdapterWatcher | None) -> Callable[[], dict]:
+    """What /health adds (`app.state.health_details()`): the champion as the watcher sees it (refusals
+    included) and, for the vLLM gateway, its logprob mode and whether trajectories are logged."""
+
+    def details() -> dict:
+        out = dict(engine.health_details()) if hasattr(engine, "health_details") else {}
+        if watcher is not None:
+            out.update(watcher.health())
+        return out
+
+    return details
 
 
 def build_app(config: ServingConfig, engine: Engine, *, sink: TrajectorySink | None = None,
@@ -80,6 +96,8 @@ def build_app(config: ServingConfig, engine: Engine, *, sink: TrajectorySink | N
     admin = AdminToken(admin_token if admin_token is not None else os.environ.get(config.admin_token_env))
     if keys.is_open:
         log.warning("no API key configured: /v1 is open to anyone who can reach %s:%s", config.host, config.port)
+    if sink is not None and hasattr(engine, "logprob_guard"):  # refuse what the upstream's logprobs mislabel
+        sink = engine.logprob_guard(sink)
     metrics = wire_metrics(metrics or ServingMetrics(), engine, sink, watcher)
     trajectories = None
     if sink is None:
@@ -105,6 +123,7 @@ def build_app(config: ServingConfig, engine: Engine, *, sink: TrajectorySink | N
     state = app.state  # what the handlers of serving.routes read
     state.engine, state.config, state.metrics, state.keys, state.admin = engine, config, metrics, keys, admin
     state.mirror = mirror
+    state.health_details = health_details(engine, watcher)
     state.chat = OpenAIServingChat(engine, config, trajectories, limiter, mirror)
     state.completion = OpenAIServingCompletion(engine, config, trajectories, limiter, mirror)
     app.add_middleware(ServingMiddleware, max_body_bytes=config.max_body_bytes, metrics=metrics)

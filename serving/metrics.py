@@ -3,7 +3,7 @@
 Requests by route template and status, latency, generated tokens, batch sizes and trajectories withheld by a
 redaction pattern (per pattern) are observed as they happen; the shadow log's counters (the sink's `stats()`),
 the adapter watcher's counters, the engine queue depth and the active adapter version (a labelled gauge) are
-read at scrape time.
+read at scrape time, and so is the champion version serving refuses to load (an ungated champion).
 
     curl -s 127.0.0.1:8000/metrics | grep shadow_
 """
@@ -49,6 +49,13 @@ class _ScrapeTimeCollector(Collector):
         if owner.queue_depth is not None:
             yield GaugeMetricFamily("shadow_serving_queue_depth", "requests waiting for the engine",
                                     value=owner.queue_depth())
+        if owner.champion_refused is not None:
+            gauge = GaugeMetricFamily("shadow_serving_champion_refused", "1 for the registry champion's version "
+                                      "serving refuses to load (its gate did not pass); absent when none",
+                                      labels=["version"])
+            if (version := owner.champion_refused()) is not None:
+                gauge.add_metric([version], 1)
+            yield gauge
 
 
 class ServingMetrics:
@@ -73,6 +80,7 @@ class ServingMetrics:
         self.stats_sources: dict[str, StatsFn] = {}
         self.adapter_version: Callable[[], str | None] | None = None
         self.queue_depth: Callable[[], int] | None = None
+        self.champion_refused: Callable[[], str | None] | None = None
         self.registry.register(_ScrapeTimeCollector(self))
 
     def add_stats(self, prefix: str, stats_fn: StatsFn) -> None:

@@ -2,25 +2,44 @@
 
 vLLM cannot share this virtualenv (it pins other torch/transformers versions), so it runs as its own server:
 
-    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True \\
-    vllm serve <student dir> --enable-lora --max-lora-rank 16 --logprobs-mode processed_logprobs
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_API_KEY=<key> \\
+    vllm serve <student dir> --enable-lora --max-lora-rank 16 --max-loras 2 --logprobs-mode processed_logprobs
 
 `--logprobs-mode processed_logprobs` makes the returned logprobs those of the distribution actually sampled
 from (after temperature, top-k, top-p): the `sampled` behaviour logprobs the trainer's importance ratio needs.
-For greedy requests vLLM returns the model's own logprobs, which is this project's `raw` kind.
+For greedy requests vLLM returns the model's own logprobs, which is this project's `raw` kind. The gateway does
+not take the flag on trust: at start-up, and again whenever vLLM restarted, it probes the mode
+(`serving.vllm_logprobs`); under any other mode it logs no trajectory whose kind would be wrong and says so in
+the log and on /health.
+
+Auth: vLLM's `--api-key` / `VLLM_API_KEY` guards every `/v1/*` path (completions, models and the LoRA endpoints
+alike) with one key, and leaves `/health` open. The gateway sends that key (`vllm_api_key`) on every call; the
+gateway's own admin token (`$SHADOW_DISTILL_ADMIN_TOKEN`) guards the gateway's endpoints and never leaves it.
 
 The gateway tokenizes itself (chat template, in the API layer), so it sends token-id prompts to vLLM's
 `/v1/completions`, one request per choice (each with its own seed), asking for `logprobs`,
 `return_tokens_as_token_ids` (tokens come back as `token_id:N`, the ids it logs) and `return_token_ids`
 (vLLM >= 0.10; checked against the former when present). vLLM's own sampling extras (`min_p`, `min_tokens`,
 `ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`, `skip_special_tokens`, `prompt_logprobs`) go
-through under vLLM's names, so both engines honour the same fields. Adapters are loaded with vLLM's
-`POST /v1/load_lora_adapter` under their version as `lora_name` (the path must be readable by the vLLM
-server); the previous adapter is unloaded only once the requests using it have finished, so a swap fails
-no request. The embedded server exposes the same endpoints, which is how the contract test checks this
-client against it.
+through under vLLM's names, so both engines honour the same fields.
 
-    python -m serving.api_server --engine vllm --vllm-url http://127.0.0.1:8001 --model-dir <student dir>
+Adapters (`serving.vllm_adapters`): the default one (the champion) and named ones (vLLM multi-LoRA, `--max-loras`
+must cover them) are loaded with `POST /v1/load_lora_adapter` under their version as `lora_name` (the path must be
+readable by the vLLM server); a request for a named adapter sends `model=<name>`. An adapter is unloaded only once
+nothing needs it, so a swap fails no request. A restarted vLLM has lost them: a health thread checks `/health` and
+`GET /v1/models` every `health_interval_s` and reloads what is missing (`resync`); the champion watcher calls
+`resync` on every poll too, and a request that gets 404 for its adapter resyncs once and retries. `is_alive()`
+reads the health thread's last answer and never makes a request itself (the event loop calls it).
+
+Background work (`submit(..., background=True)`, mirrored shadow requests) runs on a separate, small budget
+(`background_concurrency` threads and HTTP connections, 4 by default): it can never take the connections of
+client requests. vLLM itself schedules every request alike (first come, first served), so background requests
+still share the GPU's batches; the budget bounds how much of it they take.
+
+The embedded server exposes the same endpoints, which is how the contract test checks this client against it.
+
+    python -m serving.api_server --engine vllm --vllm-url http://127.0.0.1:8001 --vllm-api-key <key> \\
+        --model-dir <student dir>
 """
 
 from __future__ import annotations
@@ -31,6 +50,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import httpx
 from transformers import PreTrainedTokenizerBase
@@ -47,11 +67,14 @@ from serving.engine_base import (
     RowResult,
     TokenCallback,
 )
-from foundation.errors import AdapterError, ShadowDistillError
+from serving.vllm_adapters import AdapterResidency, VLLMAdmin
+from serving.vllm_logprobs import PROBE_TEMPERATURE, PROBE_TEXT, LogprobMode, TrajectoryKindGuard, classify, \
+    probe_requests
+from foundation.errors import EngineError, ShadowDistillError
 
 log = logging.getLogger(__name__)
 TOKEN_ID_PREFIX = "token_id:"
-HEALTH_CACHE_S = 2.0
+HEALTH_TIMEOUT_S = 2.0
 
 
 def parse_token_id(token: str) -> int:
@@ -127,12 +150,26 @@ class _ChoiceParser:
                          self.top if self.row.top_logprobs else None, self.prompt_logprobs)
 
 
+class _AdapterMissing(ShadowDistillError):
+    """vLLM answered 404 for the adapter a request named (it restarted and lost it)."""
+
+
+@dataclass(frozen=True)
+class _Lane:
+    """Threads and HTTP connections of one kind of work: client requests, or background (mirrored) ones."""
+
+    pool: ThreadPoolExecutor
+    http: httpx.Client
+
+
 class VLLMEngine:
     kind = "vllm"
 
     def __init__(self, base_url: str, tokenizer: PreTrainedTokenizerBase, base_model_id: str, served_model: str,
-                 max_model_len: int, *, api_key: str | None = None, admin_token: str | None = None,
-                 max_concurrency: int = 64, timeout_s: float = 600.0, observer: EngineObserver | None = None):
+                 max_model_len: int, *, api_key: str | None = None, max_concurrency: int = 64,
+                 background_concurrency: int = 4, timeout_s: float = 600.0, health_interval_s: float = 2.0,
+                 observer: EngineObserver | None = None, transport: httpx.BaseTransport | None = None):
+        """`api_key`: vLLM's `--api-key`, sent on every call. `transport`: tests only (an in-process vLLM)."""
         self.base_url = base_url.rstrip("/")
         self.tokenizer = tokenizer
         self.base_model_id = base_model_id
@@ -140,47 +177,70 @@ class VLLMEngine:
         self.max_model_len = max_model_len
         self.eos_ids = eos_token_ids(tokenizer)  # the serving layer's text rule (vLLM decides when to stop)
         self.observer = observer
-        self._admin_headers = {"Authorization": f"Bearer {admin_token or api_key}"} if (admin_token or api_key) else {}
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s,
-                                  limits=httpx.Limits(max_connections=max_concurrency))
-        self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="vllm-gateway")
+        self.health_interval_s = health_interval_s
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._transport = transport
+        self._client = _Lane(ThreadPoolExecutor(max_concurrency, thread_name_prefix="vllm-gateway"),
+                             self._new_http(max_concurrency, timeout_s))
+        self._background = _Lane(ThreadPoolExecutor(background_concurrency, thread_name_prefix="vllm-background"),
+                                 self._new_http(background_concurrency, timeout_s))
+        self._admin_http = self._new_http(2, 30.0)  # never waits behind saturated request connections
         self._admin_pool = ThreadPoolExecutor(1, thread_name_prefix="vllm-adapters")
+        self.adapters = AdapterResidency(VLLMAdmin(self._admin_http))
+        self.logprobs = LogprobMode()
         self._lock = threading.Lock()
-        self._active: AdapterInfo | None = None
-        self._in_flight: dict[str | None, int] = {}
-        self._retired: set[str] = set()  # versions to unload once their requests finish
-        self._closed = False
-        self._health = (0.0, False)
+        self._closed = threading.Event()
+        self._alive = True  # until the health thread's first answer says otherwise
+        self._reprobe = False
+        self._monitor = threading.Thread(target=self._watch_health, name="vllm-health", daemon=True)
+        self._monitor.start()
+
+    def _new_http(self, connections: int, timeout_s: float) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout_s,
+                            limits=httpx.Limits(max_connections=connections), transport=self._transport)
 
     @classmethod
     def from_config(cls, config: ServingConfig, observer: EngineObserver | None = None) -> VLLMEngine:
-        import os
-
+        """The gateway for `config.vllm_url`: its limits read from vLLM, its logprob mode probed."""
         assert config.vllm_url is not None
         headers = {"Authorization": f"Bearer {config.vllm_api_key}"} if config.vllm_api_key else {}
-        cards = httpx.get(f"{config.vllm_url.rstrip('/')}/v1/models", headers=headers, timeout=30).json()["data"]
+        response = httpx.get(f"{config.vllm_url.rstrip('/')}/v1/models", headers=headers, timeout=30)
+        if response.status_code != 200:
+            raise ShadowDistillError(f"vLLM at {config.vllm_url} answered /v1/models with {response.status_code}: "
+                                     f"{response.text[:200]} (is vllm_api_key vLLM's --api-key?)")
+        cards = response.json()["data"]
         base = next((c for c in cards if c["id"] == config.vllm_model), None) if config.vllm_model else \
             next((c for c in cards if not c.get("parent")), None)
         if base is None:
             raise ShadowDistillError(f"vLLM at {config.vllm_url} serves no model {config.vllm_model or ''!r}")
         limit = config.max_model_len or base.get("max_model_len") or 2048
-        return cls(config.vllm_url, load_tokenizer(config.model_dir), ModelMeta.read(config.model_dir).model_id,
-                   base["id"], limit, api_key=config.vllm_api_key, admin_token=os.environ.get(config.admin_token_env),
-                   observer=observer)
+        engine = cls(config.vllm_url, load_tokenizer(config.model_dir), ModelMeta.read(config.model_dir).model_id,
+                     base["id"], limit, api_key=config.vllm_api_key, observer=observer)
+        engine.probe_logprob_mode()
+        return engine
 
     # ------------------------------------------------------------------------------------ generation
 
     def active_adapter(self) -> AdapterInfo | None:
-        return self._active
+        return self.adapters.default()
 
-    def submit(self, rows: Sequence[RowRequest], on_token: TokenCallback | None = None) -> GenerationJob:
-        if self._closed:
-            raise ShadowDistillError("gateway engine is closed")
-        job = GenerationJob(list(rows), on_token)
-        version = self._acquire()
+    def named_adapters(self) -> dict[str, AdapterInfo]:
+        return self.adapters.named()
+
+    def submit(self, rows: Sequence[RowRequest], on_token: TokenCallback | None = None, *,
+               adapter: str | None = None, background: bool = False) -> GenerationJob:
+        """One request per row, all under one adapter; `background` work runs on its own small budget."""
+        if self._closed.is_set():
+            raise EngineError("gateway engine is closed")
+        job = GenerationJob(list(rows), on_token, adapter=adapter, background=background)
+        version = self.adapters.acquire(adapter)
+        lane = self._background if background else self._client
         started = time.perf_counter()
-        futures = [self._pool.submit(self._row, job, i, row, version) for i, row in enumerate(job.rows)]
+        try:
+            futures = [lane.pool.submit(self._row, job, i, row, version, lane.http) for i, row in enumerate(job.rows)]
+        except RuntimeError as exc:  # the pool shut down under us (close)
+            self._release(version)
+            raise EngineError(f"gateway engine is closed: {exc}") from exc
         remaining = [len(futures)]
 
         def one_done(_: Future) -> None:
@@ -189,23 +249,39 @@ class VLLMEngine:
                 if remaining[0]:
                     return
             self._release(version)
-            errors = [ShadowDistillError("request cancelled") if f.cancelled() else f.exception() for f in futures]
-            errors = [e for e in errors if e is not None]
-            if errors:
-                job.future.set_exception(errors[0] if isinstance(errors[0], ShadowDistillError)
-                                         else ShadowDistillError(str(errors[0])))
-                return
-            results = [f.result() for f in futures]
-            if self.observer is not None:
-                self.observer.on_batch(len(results), sum(len(r.completion_ids) for r in results),
-                                       time.perf_counter() - started)
-            job.future.set_result(GenerationOutput(results, version))
+            self._finish(job, futures, version, started)
 
         for f in futures:
             f.add_done_callback(one_done)
         return job
 
-    def _row(self, job: GenerationJob, index: int, row: RowRequest, version: str | None) -> RowResult:
+    def _finish(self, job: GenerationJob, futures: list[Future], version: str | None, started: float) -> None:
+        errors = [ShadowDistillError("request cancelled") if f.cancelled() else f.exception() for f in futures]
+        errors = [e for e in errors if e is not None]
+        if errors:
+            job.future.set_exception(errors[0] if isinstance(errors[0], ShadowDistillError)
+                                     else ShadowDistillError(str(errors[0])))
+            return
+        results = [f.result() for f in futures]
+        if self.observer is not None:
+            self.observer.on_batch(len(results), sum(len(r.completion_ids) for r in results),
+                                   time.perf_counter() - started)
+        job.future.set_result(GenerationOutput(results, version))
+
+    def _release(self, version: str | None) -> None:
+        if self.adapters.release(version) and not self._closed.is_set():
+            self._admin_pool.submit(self.adapters.collect)
+
+    def _row(self, job: GenerationJob, index: int, row: RowRequest, version: str | None,
+             http: httpx.Client) -> RowResult:
+        try:
+            return self._send(job, index, row, version, http)
+        except _AdapterMissing:
+            self.resync()  # vLLM restarted since the last health tick: reload, then try once more
+            return self._send(job, index, row, version, http)
+
+    def _send(self, job: GenerationJob, index: int, row: RowRequest, version: str | None,
+              http: httpx.Client) -> RowResult:
         if job.cancelled:
             raise ShadowDistillError("request cancelled")
         on_token = (lambda tok, lp: job.on_token(index, tok, lp)) if job.on_token else None
@@ -213,12 +289,12 @@ class VLLMEngine:
         body = completion_body(row, version or self.served_model, stream=on_token is not None)
         try:
             if on_token is None:
-                response = self._http.post("/v1/completions", json=body)
-                _raise_for(response)
+                response = http.post("/v1/completions", json=body)
+                _raise_for(response, version)
                 parser.add(response.json()["choices"][0])
             else:
-                with self._http.stream("POST", "/v1/completions", json=body) as response:
-                    _raise_for(response)
+                with http.stream("POST", "/v1/completions", json=body) as response:
+                    _raise_for(response, version)
                     for chunk in _sse_json(response):
                         if job.cancelled:
                             raise ShadowDistillError("request cancelled")
@@ -231,72 +307,111 @@ class VLLMEngine:
     # ------------------------------------------------------------------------------------ adapters
 
     def set_adapter(self, adapter: AdapterInfo | None) -> Future:
-        return self._admin_pool.submit(self._set_adapter, adapter)
+        return self._admin_pool.submit(self.adapters.set_default, adapter)
 
-    def _set_adapter(self, adapter: AdapterInfo | None) -> None:
-        with self._lock:  # a version retired but still draining is still loaded: serve it again as is
-            revived = adapter is not None and adapter.version in self._retired
-            self._retired.discard(adapter.version if adapter else "")
-        if adapter is not None and not revived:
-            response = self._http.post("/v1/load_lora_adapter", headers=self._admin_headers,
-                                       json={"lora_name": adapter.version, "lora_path": str(adapter.path)})
-            if response.status_code != 200:
-                raise AdapterError(f"vLLM refused adapter {adapter.version}: {response.text[:300]}")
-        with self._lock:
-            old, self._active = self._active, adapter
-            if old is not None and (adapter is None or old.version != adapter.version):
-                self._retired.add(old.version)
-            drained = [v for v in self._retired if not self._in_flight.get(v)]
-            self._retired.difference_update(drained)
-        for version in drained:
-            self._unload(version)
+    def load_named_adapter(self, adapter: AdapterInfo) -> Future:
+        return self._admin_pool.submit(self.adapters.load_named, adapter)
 
-    def _acquire(self) -> str | None:
-        with self._lock:
-            version = self._active.version if self._active else None
-            self._in_flight[version] = self._in_flight.get(version, 0) + 1
-            return version
+    def unload_named_adapter(self, name: str) -> Future:
+        return self._admin_pool.submit(self.adapters.unload_named, name)
 
-    def _release(self, version: str | None) -> None:
-        with self._lock:
-            self._in_flight[version] -= 1
-            drained = version in self._retired and not self._in_flight[version]
-            if drained:
-                self._retired.discard(version)
-        if drained:
-            self._admin_pool.submit(self._unload, version)
+    def resync(self) -> list[str]:
+        """Reload the adapters a restarted vLLM lost (and probe its logprob mode again); the reloaded names."""
+        reloaded = self.adapters.resync(on_restart=self._restarted)
+        if self._reprobe:
+            self._reprobe = False
+            self.probe_logprob_mode()
+        return reloaded
 
-    def _unload(self, version: str) -> None:
-        response = self._http.post("/v1/unload_lora_adapter", headers=self._admin_headers,
-                                   json={"lora_name": version})
-        if response.status_code != 200:
-            log.warning("vLLM did not unload adapter %s: %s", version, response.text[:300])
+    def _restarted(self) -> None:
+        self._reprobe = True  # a restarted vLLM may run with other flags
+
+    # ------------------------------------------------------------------------------------ logprob mode
+
+    def probe_logprob_mode(self) -> str:
+        """Ask vLLM which logprobs it returns (see `serving.vllm_logprobs`); remembered, and returned."""
+        first, second = probe_requests(list(self.tokenizer.encode(PROBE_TEXT)), self.served_model)
+        try:
+            served_choice = self._probe_post(first)
+            logprobs = served_choice["logprobs"]
+            token = parse_token_id(logprobs["tokens"][0])
+            served = {parse_token_id(t): float(v) for t, v in (logprobs["top_logprobs"][0] or {}).items()}
+            served.setdefault(token, float(logprobs["token_logprobs"][0]))
+            entry = self._probe_post(second(token))["prompt_logprobs"][-1]
+            raw = {int(t): float(v["logprob"]) for t, v in entry.items()}
+        except (httpx.HTTPError, ShadowDistillError, KeyError, IndexError, TypeError, ValueError) as exc:
+            mode, evidence = "unknown", f"the probe failed: {type(exc).__name__}: {exc}"[:300]
+        else:
+            mode, evidence = classify(served, raw, PROBE_TEMPERATURE)
+        self.logprobs.set(mode, evidence)
+        return mode
+
+    def _probe_post(self, body: dict) -> dict:
+        response = self._admin_http.post("/v1/completions", json=body)
+        _raise_for(response, None)
+        return response.json()["choices"][0]
+
+    def logprob_guard(self, sink):
+        """`sink` behind a guard that refuses trajectories this upstream's logprob mode would mislabel."""
+        return TrajectoryKindGuard(sink, self.logprobs)
+
+    # ------------------------------------------------------------------------------------ health
+
+    def is_alive(self) -> bool:
+        """The health thread's last answer: no I/O here (the event loop calls this)."""
+        return not self._closed.is_set() and self._alive
+
+    def health_details(self) -> dict:
+        """What /health adds for a gateway: the logprob mode and whether trajectories are logged, the adapters."""
+        return {**self.logprobs.health(), "upstream_adapters": sorted(self.adapters.loaded()),
+                "adapter_reloads": self.adapters.reloads}
+
+    def stats(self) -> dict:
+        """Numbers for /metrics (`shadow_vllm_gateway_*`)."""
+        return {"upstream_alive": int(self.is_alive()), "adapter_reloads": self.adapters.reloads,
+                "named_adapters": len(self.adapters.named()), "logprob_mode_ok": int(self.logprobs.trusted)}
+
+    def _watch_health(self) -> None:
+        while not self._closed.is_set():
+            self._check_health()
+            self._closed.wait(self.health_interval_s)
+
+    def _check_health(self) -> None:
+        """One tick: /health (open in vLLM), then re-sync adapters when it answers."""
+        try:
+            alive = self._admin_http.get("/health", timeout=HEALTH_TIMEOUT_S).status_code == 200
+        except httpx.HTTPError:
+            alive = False
+        except RuntimeError:  # the client was closed under us (close)
+            return
+        if alive != self._alive:
+            log.warning("vLLM at %s is %s", self.base_url, "back" if alive else "not answering /health")
+        self._alive = alive
+        if alive:
+            try:
+                self.resync()
+            except (ShadowDistillError, RuntimeError) as exc:
+                log.warning("adapter re-sync with vLLM failed: %s", exc)
 
     # ------------------------------------------------------------------------------------ lifecycle
 
-    def is_alive(self) -> bool:
-        if self._closed:
-            return False
-        checked_at, ok = self._health
-        if time.monotonic() - checked_at > HEALTH_CACHE_S:
-            try:
-                ok = self._http.get("/health", timeout=2.0).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            self._health = (time.monotonic(), ok)
-        return ok
-
     def close(self, timeout_s: float = 10.0) -> None:
-        self._closed = True
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._closed.set()
+        for lane in (self._client, self._background):
+            lane.pool.shutdown(wait=True, cancel_futures=True)
         self._admin_pool.shutdown(wait=True)
-        self._http.close()
+        self._monitor.join(timeout_s)
+        for http in (self._client.http, self._background.http, self._admin_http):
+            http.close()
 
 
-def _raise_for(response: httpx.Response) -> None:
-    if response.status_code >= 400:
-        response.read()
-        raise ShadowDistillError(f"vLLM answered {response.status_code}: {response.text[:300]}")
+def _raise_for(response: httpx.Response, adapter: str | None) -> None:
+    if response.status_code < 400:
+        return
+    response.read()
+    if response.status_code == 404 and adapter is not None:
+        raise _AdapterMissing(f"vLLM does not hold adapter {adapter}: {response.text[:300]}")
+    raise ShadowDistillError(f"vLLM answered {response.status_code}: {response.text[:300]}")
 
 
 def _sse_json(response: httpx.Response):
