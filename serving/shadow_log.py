@@ -1,14 +1,16 @@
 """The shadow log: ships every served trajectory to Kafka without ever costing the request that produced it.
 
     logger = ShadowLogger("127.0.0.1:9092", DEFAULT_TOPIC, Path("/var/lib/shadow-distill/spool"))
-    logger.submit(traj)        # request path: O(1), never waits for Kafka, never raises
+    logger.submit(traj)        # request path: written ahead to disk, never waits for Kafka, never raises
     logger.stats()             # plain ints for /metrics
     logger.close(10.0)         # send what it can, spool the rest: nothing accepted is lost
 
 How a record travels:
-1. `submit` puts (key=trajectory_id, value=JSON) on a bounded in-memory queue. When the queue is full it
-   appends the record straight to the local spool (`serving.spool.Spool`, a buffered file write) instead:
-   durable, never dropped.
+0. `submit` first appends (key=trajectory_id, value=JSON) to the write-ahead log (`serving.wal`,
+   `<spool_dir>/wal`): one buffered file write, no disk flush. From then on a SIGKILL cannot lose it; a power
+   loss can lose at most the last `wal_sync_ms` (fsync'ed in groups by a thread of its own).
+1. `submit` then puts it on a bounded in-memory queue. When the queue is full it appends the record straight to
+   the local spool (`serving.spool.Spool`, a buffered file write) instead: durable, never dropped.
 2. A background thread owns a kafka-python `KafkaProducer` (acks=all, idempotent; settings from
    `message_bus.topics.producer_config`). It is created lazily in that thread and re-created after any
    failure, since construction fails while nothing listens and an idempotent producer does not survive a
@@ -24,8 +26,11 @@ Delivery is at-least-once. A record whose acknowledgement was lost (broker froze
 between ack and cursor write) is sent again: consumers dedupe on `trajectory_id`, the message key.
 Ordering (per partition, as Kafka orders) is by submission, except that records spilled by a full queue may
 overtake records still queued: each trajectory is one message and consumers do not depend on cross-key order.
-The queue lives in memory: a process killed without `close()` loses what it held (at most `queue_max`
-records); the spool survives. One process owns a spool folder (an exclusive lock): one folder per worker.
+The queue lives in memory, the write-ahead log on disk: a process killed without `close()` leaves the records
+it had not yet handed to Kafka or the spool in the log, and the next `ShadowLogger` on the folder moves them to
+the spool (counted in `recovered`), which replays them. A record leaves the log once Kafka acknowledged it or the
+spool holds it. `wal=False` turns the log off (a SIGKILL then loses what the queue held, up to `queue_max`).
+One process owns a spool folder (an exclusive lock): one folder per worker.
 
 Opt-out is the caller's business: serving does not call `submit` for callers or requests that opted out of
 the shadow log, so nothing of theirs reaches this module.
@@ -43,19 +48,29 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import Field, model_validator
 
 from message_bus.topics import check_topic_name, producer_config
 from schemas.trajectory import TrajectoryV1
 from serving.spool import Spool
+from serving.wal import WalSync, WriteAheadLog
 from foundation.config import StrictConfig
 from foundation.errors import ShadowDistillError
 
 log = logging.getLogger(__name__)
 
-Record = tuple[bytes, bytes]
+
+
+class Record(NamedTuple):
+    """A trajectory on its way: Kafka key and value, and its sequence number in the write-ahead log."""
+
+    key: bytes
+    value: bytes
+    seq: int | None = None  # None: not in the write-ahead log (turned off, or it could not take the record)
+
+
 _IDLE_WAIT_S = 0.05
 
 
@@ -75,6 +90,10 @@ class ShadowLogConfig(StrictConfig):
     spool_segment_bytes: int = Field(16 << 20, ge=1, strict=True, description="Size of one spool file.")
     fsync: bool = Field(False, description="fsync each spool append (survives power loss, costs a disk flush "
                                            "per batch).")
+    wal: bool = Field(True, description="Write every accepted record ahead to <spool_dir>/wal before submit "
+                                        "returns, so a killed process loses none (one buffered write each).")
+    wal_sync_ms: float = Field(50.0, gt=0, description="fsync the write-ahead log and the spool this often "
+                                                        "(group commit): what a power loss can lose.")
     producer_overrides: dict[str, Any] = Field(default_factory=dict, description="kafka-python producer settings "
                                                                                  "(checked by message_bus).")
 
@@ -87,8 +106,7 @@ class ShadowLogConfig(StrictConfig):
 
 @dataclass
 class _InFlight:
-    key: bytes
-    value: bytes
+    record: Record
     future: Any  # kafka FutureRecordMetadata
     sent_at: float
 
@@ -96,7 +114,7 @@ class _InFlight:
 class _Counters:
     """Monotonic counters shared by request threads and the background thread."""
 
-    NAMES = ("accepted", "sent", "spooled", "replayed", "errors", "dropped")
+    NAMES = ("accepted", "sent", "spooled", "replayed", "errors", "dropped", "recovered", "wal_errors")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -148,6 +166,8 @@ class ShadowLogger:
                             segment_bytes=self.config.spool_segment_bytes, fsync=self.config.fsync)
         self._queue: queue.Queue[Record] = queue.Queue(maxsize=self.config.queue_max)
         self._counters = _Counters()
+        self._wal = self._open_wal(Path(spool_dir)) if self.config.wal else None
+        self._sync = WalSync([self._wal.spool, self._spool], self.config.wal_sync_ms / 1000) if self._wal else None
         self._submit_lock = threading.Lock()  # orders submit() against close(): nothing slips in after the drain
         self._closing = False
         self._close_deadline = float("inf")
@@ -159,19 +179,39 @@ class ShadowLogger:
         self._thread = threading.Thread(target=self._run, name=f"shadow-log-{topic}", daemon=True)
         self._thread.start()
 
+    def _open_wal(self, spool_dir: Path) -> WriteAheadLog:
+        """The write-ahead log; what a killed process left in it goes to the spool (replayed from there)."""
+        wal = WriteAheadLog(spool_dir, max_bytes=self.config.spool_max_bytes,
+                            segment_bytes=self.config.spool_segment_bytes)
+        if wal.recovered:
+            log.warning("shadow log: %d trajectories left in the write-ahead log by a process that did not close; "
+                        "spooling them for replay", len(wal.recovered))
+            try:
+                self._spool.append(wal.recovered)
+                self._counters.add("recovered", len(wal.recovered))
+            except ShadowDistillError as exc:  # the spool is full: they cannot wait anywhere else
+                self._counters.add("errors")
+                self._counters.add("dropped", len(wal.recovered))
+                log.error("shadow log: %d recovered trajectories lost: %s", len(wal.recovered), exc)
+            wal.finish_recovered()
+            wal.commit()
+        return wal
+
     # ---- request path --------------------------------------------------------------------------------------
 
     def submit(self, traj: TrajectoryV1) -> None:
-        """Accept one trajectory for Kafka. O(1); never blocks on Kafka or the disk unless the queue is full."""
+        """Accept one trajectory for Kafka: on disk (the write-ahead log) when this returns, never waiting for
+        Kafka or a disk flush; the queue takes it from there (the spool, when the queue is full)."""
         try:
-            record = (traj.key, traj.to_bytes())
-            if len(record[1]) > self.config.max_record_bytes:
-                self._refuse(traj.trajectory_id, f"{len(record[1])} bytes > max_record_bytes")
+            key, value = traj.key, traj.to_bytes()
+            if len(value) > self.config.max_record_bytes:
+                self._refuse(traj.trajectory_id, f"{len(value)} bytes > max_record_bytes")
                 return
             with self._submit_lock:  # held through a spill too, so close() cannot shut the spool under it
                 if self._closing:
                     self._refuse(traj.trajectory_id, "submitted after close()")
                     return
+                record = Record(key, value, self._write_ahead(key, value))
                 self._counters.add("accepted")
                 try:
                     self._queue.put_nowait(record)
@@ -181,6 +221,18 @@ class ShadowLogger:
             self._counters.add("errors")
             log.exception("shadow log: submit failed")
 
+    def _write_ahead(self, key: bytes, value: bytes) -> int | None:
+        """The record's sequence number in the write-ahead log; None (still queued, not durable) when the log
+        is off or cannot take it (disk full, its cap reached), which is counted and logged."""
+        if self._wal is None:
+            return None
+        try:
+            return self._wal.append(key, value)
+        except ShadowDistillError as exc:
+            self._counters.add("wal_errors")
+            log.error("shadow log: write-ahead log refused a record, queued in memory only: %s", exc)
+            return None
+
     def _refuse(self, trajectory_id: str, why: str) -> None:
         self._counters.add("errors")
         self._counters.add("dropped")
@@ -189,9 +241,13 @@ class ShadowLogger:
     def stats(self) -> dict[str, int]:
         """Plain ints: accepted, sent (acked by Kafka directly), spooled, replayed (acked from the spool),
         spool_pending, spool_bytes, queue_depth, inflight, errors (failure events: connect/send failures, refused
-        records, internal errors), dropped (records lost: refused or not spoolable), kafka_connected (0/1)."""
+        records, internal errors), dropped (records lost: refused or not spoolable), kafka_connected (0/1),
+        recovered (taken from a killed process's write-ahead log), wal_pending (records in the write-ahead log),
+        wal_errors (records it could not take), wal_syncs (group fsyncs)."""
         counts = self._counters.snapshot()
         counts.update(
+            wal_pending=self._wal.pending if self._wal else 0,
+            wal_syncs=self._sync.syncs if self._sync else 0,
             spool_pending=self._spool.pending,
             spool_bytes=self._spool.bytes_on_disk,
             queue_depth=self._queue.qsize(),
@@ -217,7 +273,16 @@ class ShadowLogger:
         if self._thread.is_alive():
             log.error("shadow log: background thread still busy after close(%.1f); spooling the queue here", timeout_s)
             self._to_spool(self._take_all())
+        self._close_wal()
         log.info("shadow log closed: %s", self.stats())
+
+    def _close_wal(self) -> None:
+        """Everything accepted is in Kafka or the spool now: the log drains (records still in flight in a stuck
+        thread stay in it, and the next logger on the folder recovers them)."""
+        if self._sync is not None:
+            self._sync.stop()
+        if self._wal is not None:
+            self._wal.close()
 
     # ---- background thread --------------------------------------------------------------------------------
 
@@ -230,7 +295,7 @@ class ShadowLogger:
         except Exception:  # noqa: BLE001 - last resort: park everything we hold
             self._counters.add("errors")
             log.exception("shadow log: shutdown failed; spooling what is left")
-            self._to_spool([(i.key, i.value) for i in self._inflight] + self._take_all())
+            self._to_spool([i.record for i in self._inflight] + self._take_all())
             self._inflight = []
             self._spool.close()
 
@@ -253,6 +318,8 @@ class ShadowLogger:
         self._reap()
         if self._spool.pending and time.monotonic() >= self._retry_at:
             self._replay_chunk()
+        if self._wal is not None:
+            self._wal.commit()
 
     def _take(self, wait_s: float) -> list[Record]:
         try:
@@ -306,13 +373,13 @@ class ShadowLogger:
         self._backoff_s = min(2 * self._backoff_s, self.config.retry_max_s)
 
     def _send_direct(self, batch: list[Record]) -> None:
-        for i, (key, value) in enumerate(batch):
+        for i, record in enumerate(batch):
             try:
-                future = self._producer.send(self.topic, key=key, value=value)
+                future = self._producer.send(self.topic, key=record.key, value=record.value)
             except Exception as exc:  # noqa: BLE001 - metadata timeout (frozen broker), closed producer...
                 self._degrade(f"send failed: {exc}", extra=batch[i:])
                 return
-            self._inflight.append(_InFlight(key, value, future, time.monotonic()))
+            self._inflight.append(_InFlight(record, future, time.monotonic()))
 
     def _reap(self) -> None:
         """Count acknowledged sends; on a failure or a stale send, move what is unacknowledged to the spool."""
@@ -325,8 +392,10 @@ class ShadowLogger:
                 waiting.append(item)
             elif future.exception is None:
                 self._counters.add("sent")
+                self._finished(item.record)
             elif isinstance(future.exception, self._poison):
-                self._refuse(item.key.decode(errors="replace"), f"Kafka refuses it: {future.exception}")
+                self._refuse(item.record.key.decode(errors="replace"), f"Kafka refuses it: {future.exception}")
+                self._finished(item.record)
             else:
                 waiting.append(item)
                 failure = failure or f"send failed: {future.exception}"
@@ -336,8 +405,12 @@ class ShadowLogger:
         if failure is not None:
             self._degrade(failure)
 
+    def _finished(self, *records: Record) -> None:
+        if self._wal is not None:
+            self._wal.finish(r.seq for r in records)
+
     def _degrade(self, reason: str, extra: list[Record] | None = None) -> None:
-        unacked = [(i.key, i.value) for i in self._inflight] + (extra or [])
+        unacked = [i.record for i in self._inflight] + (extra or [])
         self._inflight = []
         self._failed(reason)
         self._to_spool(unacked)
@@ -346,12 +419,13 @@ class ShadowLogger:
         if not records:
             return
         try:
-            self._spool.append(records)
+            self._spool.append([(r.key, r.value) for r in records])
             self._counters.add("spooled", len(records))
         except ShadowDistillError as exc:
             self._counters.add("errors")
             self._counters.add("dropped", len(records))
             log.error("shadow log: %d trajectories lost: %s", len(records), exc)
+        self._finished(*records)
 
     def _replay_chunk(self) -> None:
         """Send the oldest spooled records; advance the spool cursor over the acknowledged prefix."""
@@ -397,7 +471,7 @@ class ShadowLogger:
             self._reap()
             time.sleep(0.005)
         self._reap()
-        leftover = [(i.key, i.value) for i in self._inflight]
+        leftover = [i.record for i in self._inflight]
         self._inflight = []
         if self._producer is not None:
             _abandon(self._producer)

@@ -114,6 +114,9 @@ class Spool:
         self._closed = False
         self._active: BinaryIO | None = None  # append handle of the last segment
         self._active_size = 0
+        self._unsynced = False  # appended since the last sync()
+        self._unsynced_closed: list[Path] = []  # segments closed since the last sync() with unsynced data
+        self._dir_changed = False  # segment files created since the last sync()
         self.appended = self.acked = self.rejected = self.torn_bytes = self.corrupt_bytes = 0
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._take_lock()
@@ -239,6 +242,7 @@ class Spool:
         self._bytes += len(data)
         self._pending += len(chunk)
         self.appended += len(chunk)
+        self._unsynced = not self.fsync
 
     def _undo_partial_write(self, f: BinaryIO) -> None:
         """After a failed write (disk full), cut what reached the file so later appends do not follow garbage."""
@@ -253,7 +257,9 @@ class Spool:
         if self._active is None:
             if not self._segments:
                 self._segments.append(self._cursor[0])
-            self._active = open(self._segment_path(self._segments[-1]), "ab")
+            path = self._segment_path(self._segments[-1])
+            self._dir_changed = self._dir_changed or not path.exists()
+            self._active = open(path, "ab")
         return self._active
 
     def _rotate(self) -> None:
@@ -269,8 +275,37 @@ class Spool:
             self._active.flush()
             if self.fsync:
                 os.fsync(self._active.fileno())
+            elif self._unsynced:
+                self._unsynced_closed.append(Path(self._active.name))
             self._active.close()
             self._active = None
+            self._unsynced = False
+
+    def sync(self) -> bool:
+        """fsync what was appended since the last call (group commit for a spool opened with fsync=False).
+
+        The lock is held only to take a duplicate of the file descriptor, never across the disk flush, so appends
+        go on while it runs. Returns whether there was anything to flush."""
+        with self._lock:
+            if self._closed:
+                return False
+            fd = os.dup(self._active.fileno()) if self._active is not None and self._unsynced else None
+            closed, self._unsynced_closed = self._unsynced_closed, []
+            dir_changed, self._dir_changed, self._unsynced = self._dir_changed, False, False
+        if fd is not None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for path in closed:
+            try:
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            except FileNotFoundError:  # acknowledged and deleted since: nothing to keep
+                pass
+        if dir_changed:
+            self._fsync_dir()
+        return fd is not None or bool(closed) or dir_changed
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
