@@ -34,6 +34,7 @@ from model_runtime.models import ModelMeta, eos_token_ids, load_model, load_toke
 from model_runtime.sampling import DecodeParams, sample
 from nightly_train.config import TrainConfig
 from nightly_train.data import Example, epoch_order, pad_right
+from nightly_train.distributed import Ranks
 from nightly_train.layout import checkpoints_dir, trained_adapter_dir
 from nightly_train.losses import full_reverse_kl, generalized_jsd, masked_mean, sampled_token_loss, topk_reverse_kl
 
@@ -73,13 +74,15 @@ def plan_steps(cfg: TrainConfig, n_examples: int, n_rollout_prompts: int) -> tup
 
 
 class Distiller:
-    def __init__(self, cfg: TrainConfig, examples: list[Example], rollout_prompts: list[list[int]] | None = None):
+    def __init__(self, cfg: TrainConfig, examples: list[Example], rollout_prompts: list[list[int]] | None = None,
+                 ranks: Ranks | None = None):
         self.cfg = cfg
         self.examples = examples
+        self.ranks = ranks or Ranks.from_env()  # one process, or this rank of a torchrun
         # Rollouts re-sample every logged prompt of the window (the caller passes them; greedy traffic included),
         # by default the prompts of the logged examples.
         self.rollout_prompts = rollout_prompts if rollout_prompts is not None else [e.prompt_ids for e in examples]
-        self.device = pick_device(cfg.device)
+        self.device = pick_device(self.ranks.device(cfg.device))
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.tok = load_tokenizer(cfg.student_dir)
         self.pad_id = self.tok.pad_token_id
@@ -152,8 +155,10 @@ class Distiller:
         return [self.rollout_prompts[i] for i in idx], int(torch.randint(0, 2**31, (1,), generator=g))
 
     @torch.no_grad()
-    def _generate(self, model, prompts, max_tokens, seed) -> list[list[int]]:
-        params = [DecodeParams(max_tokens=max_tokens, temperature=1.0, seed=seed + i) for i in range(len(prompts))]
+    def _generate(self, model, prompts, max_tokens, seeds: list[int]) -> list[list[int]]:
+        """Temperature-1 samples, row i seeded by `seeds[i]` (the prompt's index in the global batch, so a rank
+        samples exactly what one process would for its rows)."""
+        params = [DecodeParams(max_tokens=max_tokens, temperature=1.0, seed=s) for s in seeds]
         was_training = model.training
         model.eval()
         out = sample(model, prompts, params, eos_ids=self.eos, pad_id=self.pad_id)
@@ -163,7 +168,9 @@ class Distiller:
     def rollout_loss(self, step: int, micro: int) -> tuple[torch.Tensor, int, dict[str, float]]:
         cfg = self.cfg.rollouts
         prompts, seed = self._pick_prompts(step, micro, cfg.per_step, salt=1)
-        completions = self._generate(self.model, prompts, cfg.max_tokens, seed) if prompts else []
+        mine = self.ranks.shard(range(len(prompts)))
+        prompts = [prompts[i] for i in mine]
+        completions = self._generate(self.model, prompts, cfg.max_tokens, [seed + i for i in mine]) if prompts else []
         keep = [i for i, c in enumerate(completions) if c]
         if not keep:
             return torch.zeros((), device=self.device), 0, {}
@@ -191,10 +198,12 @@ class Distiller:
         g = torch.Generator().manual_seed(seed)
         on_policy = torch.rand(len(prompts), generator=g) < lam
         completions = [None] * len(prompts)
+        mine = self.ranks.shard(range(len(prompts)))
         for source, flag in ((self.model, True), (self.teacher, False)):
-            rows = [i for i in range(len(prompts)) if bool(on_policy[i]) == flag]
+            rows = [i for i in mine if bool(on_policy[i]) == flag]
             if rows:
-                for i, c in zip(rows, self._generate(source, [prompts[i] for i in rows], cfg.max_tokens, seed)):
+                for i, c in zip(rows, self._generate(source, [prompts[i] for i in rows], cfg.max_tokens,
+                                                     [seed + i for i in rows])):
                     completions[i] = c
         keep = [i for i, c in enumerate(completions) if c]
         if not keep:
@@ -238,50 +247,75 @@ class Distiller:
         return int(meta["step"])
 
     # ---- the loop -----------------------------------------------------------------------------------------
+    TOKEN_KEYS = ("tokens.sampled_is", "tokens.topk_analytic", "tokens.rollout", "tokens.gkd")
+
+    def micro_step(self, step: int, micro: int) -> tuple[float, int, dict[str, float]]:
+        """Backward of this rank's share of one micro-batch; returns (global mean loss, global tokens, metrics).
+
+        Each rank's per-token loss sum is divided by the *global* token count and the gradients are summed over
+        ranks after the last micro-batch, so the update equals one process's on the whole global batch."""
+        cfg, ranks = self.cfg, self.ranks
+        parts = []
+        batch = ranks.shard(self.micro_batch(step, micro))
+        if batch:
+            parts.append(self.logged_loss(batch))
+        if cfg.rollouts.enabled:
+            parts.append(self.rollout_loss(step, micro))
+        if cfg.gkd.enabled:
+            parts.append(self.gkd_loss(step, micro))
+        n_global = int(ranks.sum(sum(n for _, n, _ in parts)))
+        metrics: dict[str, float] = {}
+        for _, _, m in parts:
+            metrics.update(m)
+        local_tokens = [metrics.pop(k, 0.0) for k in self.TOKEN_KEYS]  # summed over ranks, in a fixed order
+        summed = [ranks.sum(v) for v in local_tokens]
+        metrics.update({k: v for k, v in zip(self.TOKEN_KEYS, summed) if v})
+        if n_global == 0:
+            return 0.0, 0, metrics
+        local = sum((total for total, n, _ in parts if n), torch.zeros((), device=self.device))
+        if local.requires_grad:
+            (local / n_global / cfg.grad_accum).backward()
+        return ranks.sum(float(local.detach())) / n_global, n_global, metrics
+
     def run(self, log_metrics: MetricsFn | None = None, progress: bool = True) -> TrainResult:
-        cfg = self.cfg
+        cfg, ranks = self.cfg, self.ranks
         start = self.resume()
         history = []
         self.model.train()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         bar = tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="distill",
-                   disable=not progress)
+                   disable=not (progress and ranks.is_main))
         for step in bar:
             t0 = time.perf_counter()
             metrics: dict[str, float] = {}
             tokens_total = 0
             for micro in range(cfg.grad_accum):
-                parts = []
-                batch = self.micro_batch(step, micro)
-                if batch:
-                    parts.append(self.logged_loss(batch))
-                if cfg.rollouts.enabled:
-                    parts.append(self.rollout_loss(step, micro))
-                if cfg.gkd.enabled:
-                    parts.append(self.gkd_loss(step, micro))
-                n_tokens = sum(n for _, n, _ in parts)
+                loss, n_tokens, micro_metrics = self.micro_step(step, micro)
                 if n_tokens == 0:
                     continue
-                loss = sum(total for total, _, _ in parts) / n_tokens
-                (loss / cfg.grad_accum).backward()
                 tokens_total += n_tokens
-                metrics["loss"] = metrics.get("loss", 0.0) + loss.item() / cfg.grad_accum
-                for _, _, m in parts:
-                    for name, value in m.items():  # token counts add up over micro-batches; the rest is the last
-                        metrics[name] = metrics.get(name, 0.0) + value if name.startswith("tokens.") else value
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+                metrics["loss"] = metrics.get("loss", 0.0) + loss / cfg.grad_accum
+                for name, value in micro_metrics.items():  # token counts add up over micro-batches; the rest last
+                    metrics[name] = metrics.get(name, 0.0) + value if name.startswith("tokens.") else value
+            ranks.sum_gradients(trainable)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             metrics.update({"grad_norm": float(grad_norm), "tokens": float(tokens_total),
                             "tokens_per_s": tokens_total / max(time.perf_counter() - t0, 1e-9)})
             history.append({"step": step + 1, **metrics})
-            if log_metrics:
+            if log_metrics and ranks.is_main:
                 log_metrics(step + 1, metrics)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
             log.info("step %d/%d loss %.4f sampled_rkl %.4f rollout_rkl %.4f tokens/s %.0f", step + 1,
                      self.total_steps, metrics.get("loss", float("nan")), metrics.get("sampled_reverse_kl", float("nan")),
                      metrics.get("rollout_reverse_kl", float("nan")), metrics["tokens_per_s"])
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < self.total_steps:
-                self.save_checkpoint(step + 1)
-        adapter_dir = save_adapter(self.model, trained_adapter_dir(cfg.output_dir), self.base_id)
+                if ranks.is_main:
+                    self.save_checkpoint(step + 1)
+                ranks.barrier()  # every rank resumes from the same checkpoint
+        adapter_dir = trained_adapter_dir(cfg.output_dir)
+        if ranks.is_main:
+            save_adapter(self.model, adapter_dir, self.base_id)
+        ranks.barrier()
         return TrainResult(adapter_dir=adapter_dir, steps=self.total_steps, history=history)
