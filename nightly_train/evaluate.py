@@ -1,19 +1,34 @@
-"""The distillation quality meter: held-out reverse KL on the student's own samples, with its guards beside it.
+"""The distillation quality meter: held-out reverse KL on the student's own samples, with its guards beside it,
+per held-out prompt so that the gate can compare two models prompt by prompt.
 
 Reverse KL to the teacher on fresh temperature-1 samples of the student, on prompts not used for training, is
 the number reported everywhere (gate, demo, benchmarks): per token, `log p_student(y_t) - log p_teacher(y_t)`
-with y ~ student, averaged over tokens. It can be gamed by repetitive text the teacher also predicts, so every
-report carries the forward KL (teacher's samples scored by the student), distinct-2 of the student's samples,
-and one greedy answer.
+with y ~ student. It can be gamed by repetitive text the teacher also predicts, so every report carries the
+forward KL (the teacher's samples scored by the student), distinct-2 of the student's samples, and one greedy
+answer.
 
-    metrics = evaluate_distillation(student, teacher, tokenizer, heldout_prompt_ids, max_tokens=96, seed=0)
+What makes two evaluations comparable prompt by prompt (the gate's paired tests):
+- the same prompts, and `samples_per_prompt` samples of each drawn with the seeds `sample_seed(seed, i, j, k)`,
+  so a candidate identical to the champion draws identical samples (and gets identical numbers);
+- the teacher's samples for the forward KL are drawn once (`teacher_reference`) and scored by both students;
+- per prompt, the reverse/forward KL is the token-weighted mean over its samples, distinct-2 the mean of each
+  completion's own distinct-2 (a completion under 2 tokens counts 0: it has no text to repeat or vary);
+- `heldout_fingerprint` names prompts, seeds, sample count, length and teacher temperature: values pair only
+  under equal fingerprints.
+
+    ref = teacher_reference(teacher, tok, prompts, samples_per_prompt=4, max_tokens=64, seed=0)
+    metrics = evaluate_distillation(student, teacher, tok, prompts, max_tokens=64, seed=0, samples_per_prompt=4,
+                                    reference=ref)
+    metrics.per_prompt()     # {"reverse_kl": [...], "forward_kl": [...], "distinct_2": [...], ...}
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +37,8 @@ from model_runtime.chat import user_prompt_ids
 from model_runtime.logprobs import completion_logprobs
 from model_runtime.models import eos_token_ids
 from model_runtime.sampling import DecodeParams, sample
+
+TEACHER_STREAM = 1 << 24  # seed offset of the teacher's samples (its own stream, never a student's seed)
 
 
 @dataclass
@@ -33,13 +50,27 @@ class DistillMetrics:
     distinct_2: float
     n_tokens: int
     greedy_answer: str
+    per_prompt_reverse_kl: tuple[float, ...] = ()
+    per_prompt_forward_kl: tuple[float, ...] = ()
+    per_prompt_distinct_2: tuple[float, ...] = ()
+    per_prompt_tokens: tuple[int, ...] = ()
+    samples_per_prompt: int = 1
+    heldout_set: str = ""
 
     def as_metrics(self, prefix: str = "") -> dict[str, float]:
-        return {f"{prefix}{k}": float(v) for k, v in asdict(self).items() if k != "greedy_answer"}
+        """The aggregate numbers (for MLflow metrics): per-prompt values and texts are left out."""
+        return {f"{prefix}{k}": float(getattr(self, k)) for k in
+                ("reverse_kl", "reverse_kl_se", "forward_kl", "forward_kl_se", "distinct_2", "n_tokens")}
+
+    def per_prompt(self) -> dict:
+        """What `gate.HeldoutPerPrompt.from_distill` reads back (JSON-ready)."""
+        return {"reverse_kl": list(self.per_prompt_reverse_kl), "forward_kl": list(self.per_prompt_forward_kl),
+                "distinct_2": list(self.per_prompt_distinct_2), "tokens": list(self.per_prompt_tokens),
+                "samples_per_prompt": self.samples_per_prompt, "heldout_set": self.heldout_set}
 
 
 def distinct_n(token_lists: Sequence[Sequence[int]], n: int = 2) -> float:
-    """Distinct n-grams / all n-grams over a set of completions (1.0 = no repetition, 0 = one n-gram)."""
+    """Distinct n-grams / all n-grams over a set of completions (1.0 = no repetition, 0 = one n-gram or no text)."""
     grams = [tuple(toks[i:i + n]) for toks in token_lists for i in range(len(toks) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
@@ -65,49 +96,105 @@ def token_weighted_mean_and_se(per_prompt: list[torch.Tensor]) -> tuple[float, f
     return mean, se, n_tokens
 
 
-def _samples(model, prompts, pad_id, eos, max_tokens, seed, temperature=1.0) -> list[list[int]]:
-    params = [DecodeParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i) for i in range(len(prompts))]
-    return [r.completion_ids for r in sample(model, prompts, params, eos_ids=eos, pad_id=pad_id)]
+def sample_seed(seed: int, prompt_index: int, sample_index: int, samples_per_prompt: int) -> int:
+    """The seed of sample j of held-out prompt i: the same for every model evaluated on the same prompts."""
+    return seed + prompt_index * samples_per_prompt + sample_index
 
 
-def kl_on_samples(sampler, other, prompts: list[list[int]], pad_id: int, eos: set[int], *, max_tokens: int,
-                  seed: int, batch_size: int = 8, sampler_temperature: float = 1.0, other_temperature: float = 1.0
-                  ) -> tuple[float, float, int, list[list[int]]]:
-    """Monte-Carlo KL(sampler_T1 || other_T2) per token on the sampler's own samples, each model's distribution
-    being softmax(logits / its temperature) (the teacher at the temperature the student was trained towards)."""
-    per_prompt, completions = [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        comps = _samples(sampler, chunk, pad_id, eos, max_tokens, seed + start, sampler_temperature)
-        keep = [i for i, c in enumerate(comps) if c]
-        completions.extend(comps)
-        if not keep:
-            continue
-        ps, cs = [chunk[i] for i in keep], [comps[i] for i in keep]
-        lp_self = completion_logprobs(sampler, ps, cs, pad_id, temperature=sampler_temperature)
-        lp_other = completion_logprobs(other, ps, cs, pad_id, temperature=other_temperature)
-        per_prompt.extend(a.logprobs_C - b.logprobs_C for a, b in zip(lp_self, lp_other))
-    mean, se, n = token_weighted_mean_and_se(per_prompt)
-    return mean, se, n, completions
+def heldout_fingerprint(prompts: Sequence[Sequence[int]], *, samples_per_prompt: int, max_tokens: int, seed: int,
+                        teacher_temperature: float) -> str:
+    blob = json.dumps({"prompts": [list(p) for p in prompts], "k": samples_per_prompt, "max_tokens": max_tokens,
+                       "seed": seed, "teacher_temperature": teacher_temperature}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def draw_samples(model, prompts: Sequence[Sequence[int]], pad_id: int, eos: set[int], *, samples_per_prompt: int,
+                 max_tokens: int, seed: int, temperature: float = 1.0, batch_size: int = 8) -> list[list[list[int]]]:
+    """`samples_per_prompt` completions of every prompt, [prompt][sample] -> token ids (stop token included)."""
+    rows = [(i, j) for i in range(len(prompts)) for j in range(samples_per_prompt)]
+    out: list[list[list[int]]] = [[] for _ in prompts]
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        params = [DecodeParams(max_tokens=max_tokens, temperature=temperature,
+                               seed=sample_seed(seed, i, j, samples_per_prompt)) for i, j in chunk]
+        results = sample(model, [prompts[i] for i, _ in chunk], params, eos_ids=eos, pad_id=pad_id)
+        for (i, _), r in zip(chunk, results):
+            out[i].append(r.completion_ids)
+    return out
+
+
+def score_samples(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[Sequence[int]]],
+                  pad_id: int, *, temperature: float = 1.0, batch_size: int = 8) -> list[list[torch.Tensor]]:
+    """Per-token logprobs of every [prompt][sample] completion under `model` at `temperature`."""
+    rows = [(i, j) for i, comps in enumerate(completions) for j, c in enumerate(comps)]
+    out: list[list[torch.Tensor]] = [[torch.zeros(0) for _ in comps] for comps in completions]
+    scored = [(i, j) for i, j in rows if completions[i][j]]
+    for start in range(0, len(scored), batch_size):
+        chunk = scored[start:start + batch_size]
+        lps = completion_logprobs(model, [prompts[i] for i, _ in chunk], [completions[i][j] for i, j in chunk],
+                                  pad_id, temperature=temperature)
+        for (i, j), lp in zip(chunk, lps):
+            out[i][j] = lp.logprobs_C.double()
+    return out
+
+
+@dataclass
+class TeacherReference:
+    """The teacher's own samples and its logprobs on them: drawn once, scored by every student (forward KL)."""
+
+    completions: list[list[list[int]]]
+    teacher_lp: list[list[torch.Tensor]] = field(repr=False)
+    temperature: float
+
+
+@torch.no_grad()
+def teacher_reference(teacher, tokenizer, prompts: list[list[int]], *, samples_per_prompt: int, max_tokens: int,
+                      seed: int, temperature: float = 1.0) -> TeacherReference:
+    pad_id, eos = tokenizer.pad_token_id, eos_token_ids(tokenizer, teacher)
+    comps = draw_samples(teacher, prompts, pad_id, eos, samples_per_prompt=samples_per_prompt, max_tokens=max_tokens,
+                         seed=seed + TEACHER_STREAM, temperature=temperature)
+    return TeacherReference(comps, score_samples(teacher, prompts, comps, pad_id, temperature=temperature), temperature)
+
+
+def _per_prompt_means(diffs: list[list[torch.Tensor]]) -> tuple[list[torch.Tensor], list[float]]:
+    joined = [torch.cat(rows) if rows else torch.zeros(0, dtype=torch.float64) for rows in diffs]
+    return joined, [float(x.mean()) if x.numel() else float("nan") for x in joined]
 
 
 @torch.no_grad()
 def evaluate_distillation(student, teacher, tokenizer, prompts: list[list[int]], *, max_tokens: int = 96,
-                          seed: int = 0, greedy_prompt: str | None = None,
-                          teacher_temperature: float = 1.0) -> DistillMetrics:
-    """Reverse and forward KL against the teacher at `teacher_temperature` (what training matched the student to)."""
+                          seed: int = 0, greedy_prompt: str | None = None, teacher_temperature: float = 1.0,
+                          samples_per_prompt: int = 1, reference: TeacherReference | None = None) -> DistillMetrics:
+    """Reverse and forward KL against the teacher at `teacher_temperature` (what training matched the student to),
+    overall and per prompt. Pass the same `reference` (and seeds) to every model that is to be compared."""
     was_training = student.training
     student.eval()
     pad_id, eos = tokenizer.pad_token_id, eos_token_ids(tokenizer, student)
-    rkl, rkl_se, n_tokens, own = kl_on_samples(student, teacher, prompts, pad_id, eos, max_tokens=max_tokens, seed=seed,
-                                               other_temperature=teacher_temperature)
-    fkl, fkl_se, _, _ = kl_on_samples(teacher, student, prompts, pad_id, eos, max_tokens=max_tokens, seed=seed + 10_000,
-                                      sampler_temperature=teacher_temperature)
+    k = samples_per_prompt
+    own = draw_samples(student, prompts, pad_id, eos, samples_per_prompt=k, max_tokens=max_tokens, seed=seed)
+    lp_self = score_samples(student, prompts, own, pad_id)
+    lp_teacher = score_samples(teacher, prompts, own, pad_id, temperature=teacher_temperature)
+    rkl_rows, rkl_pp = _per_prompt_means([[a - b for a, b in zip(s, t)] for s, t in zip(lp_self, lp_teacher)])
+    if reference is None:
+        reference = teacher_reference(teacher, tokenizer, prompts, samples_per_prompt=k, max_tokens=max_tokens,
+                                      seed=seed, temperature=teacher_temperature)
+    if len(reference.completions) != len(prompts) or any(len(c) != k for c in reference.completions):
+        raise ValueError("the teacher reference was drawn for other prompts or another sample count")
+    lp_student_on_teacher = score_samples(student, prompts, reference.completions, pad_id)
+    fkl_rows, fkl_pp = _per_prompt_means([[t - s for t, s in zip(ts, ss)]
+                                          for ts, ss in zip(reference.teacher_lp, lp_student_on_teacher)])
+    rkl, rkl_se, n_tokens = token_weighted_mean_and_se(rkl_rows)
+    fkl, fkl_se, _ = token_weighted_mean_and_se(fkl_rows)
+    d2_pp = [sum(distinct_n([c], 2) for c in comps) / len(comps) if comps else float("nan") for comps in own]
     greedy = ""
     if greedy_prompt is not None:
         greedy = greedy_generate_fn(student, tokenizer, max_tokens)([greedy_prompt])[0]
     student.train(was_training)
-    return DistillMetrics(rkl, rkl_se, fkl, fkl_se, distinct_n(own, 2), n_tokens, greedy)
+    fingerprint = heldout_fingerprint(prompts, samples_per_prompt=k, max_tokens=max_tokens, seed=seed,
+                                      teacher_temperature=teacher_temperature)
+    return DistillMetrics(rkl, rkl_se, fkl, fkl_se, distinct_n([c for comps in own for c in comps], 2), n_tokens,
+                          greedy, tuple(rkl_pp), tuple(fkl_pp), tuple(d2_pp), tuple(int(x.numel()) for x in rkl_rows),
+                          k, fingerprint)
 
 
 def greedy_generate_fn(model, tokenizer, max_tokens: int, batch_size: int = 8) -> Callable[[list[str]], list[str]]:
