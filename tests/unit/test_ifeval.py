@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from nightly_train.identity import ModelIdentity
 from nightly_train.ifeval import (
+    DEMO_PROMPTS,
     GREEDY_EVAL_DECODING,
+    PROJECT_PROMPTS,
     IFEvalPrompt,
     IFEvalResult,
     ResultCache,
@@ -200,7 +203,7 @@ DEMO_ANSWERS = {
 
 
 def test_demo_set_is_valid_and_every_prompt_can_be_satisfied():
-    prompts = load_prompts()  # validated against the checker package: ids known, kwargs complete
+    prompts = load_prompts(DEMO_PROMPTS)  # validated against the checker package: ids known, kwargs complete
     assert [p.key for p in prompts] == list(range(1, 41))
     assert [p.key for p in prompts if len(p.prompt) >= 400] == []
     good = score(prompts, [DEMO_ANSWERS[p.key] for p in prompts])
@@ -219,7 +222,7 @@ def test_subset_is_seeded_and_sorted_by_key():
     assert len({p.key for p in a}) == 10
     assert [p.key for p in load_prompts(subset=10, seed=1)] != [p.key for p in a]
     assert prompt_set_fingerprint(a) != prompt_set_fingerprint(load_prompts(subset=10, seed=1))
-    for bad in (0, 41):
+    for bad in (0, 241):
         with pytest.raises(ConfigError, match=f"subset={bad}"):
             load_prompts(subset=bad)
 
@@ -294,15 +297,26 @@ def test_result_dict_round_trips_through_json():
                                 "ifeval.instruction_loose"}
 
 
-def test_cache_is_keyed_by_version_prompt_set_and_decoding(tmp_path):
+BASE = ModelIdentity("student-drop8-21", "b" * 64, None)
+TRAINED = ModelIdentity("student-drop8-21", "b" * 64, "a" * 64)
+
+
+def test_cache_is_keyed_by_model_identity_prompt_set_and_decoding(tmp_path):
     cache, r = ResultCache(tmp_path / "cache"), _result()
-    assert cache.get("3", r.prompt_set) is None
-    cache.put("3", r)
-    assert cache.get("3", r.prompt_set) == r
-    assert cache.get("4", r.prompt_set) is None
-    assert cache.get("3", "another-prompt-set") is None
-    assert cache.get("3", r.prompt_set, {**GREEDY_EVAL_DECODING.model_dump(), "max_tokens": 512}) is None
-    assert cache.get("3", r.prompt_set, GREEDY_EVAL_DECODING.model_dump()) == r
+    assert cache.get(TRAINED, r.prompt_set) is None
+    cache.put(TRAINED, r)
+    assert cache.get(TRAINED, r.prompt_set) == r
+    assert cache.get(BASE, r.prompt_set) is None
+    assert cache.get(ModelIdentity("student-drop8-21", "c" * 64, "a" * 64), r.prompt_set) is None  # base rebuilt
+    assert cache.get(ModelIdentity("student-drop8-21", "b" * 64, "d" * 64), r.prompt_set) is None  # other adapter
+    assert cache.get(TRAINED, "another-prompt-set") is None
+    assert cache.get(TRAINED, r.prompt_set, {**GREEDY_EVAL_DECODING.model_dump(), "max_tokens": 512}) is None
+    assert cache.get(TRAINED, r.prompt_set, GREEDY_EVAL_DECODING.model_dump()) == r
+
+
+def test_cache_refuses_names_instead_of_identities(tmp_path):
+    with pytest.raises(TypeError, match="ModelIdentity"):
+        ResultCache(tmp_path).get("base", "f0")
 
 
 def test_get_or_evaluate_generates_only_on_a_miss(tmp_path):
@@ -312,13 +326,88 @@ def test_get_or_evaluate_generates_only_on_a_miss(tmp_path):
         calls.append(len(texts))
         return ["ok"] * len(texts)
 
-    first = cache.get_or_evaluate("base:student", prompts, generate)
-    assert cache.get_or_evaluate("base:student", prompts, generate) == first
+    first = cache.get_or_evaluate(BASE, prompts, generate)
+    assert cache.get_or_evaluate(BASE, prompts, generate) == first
     assert calls == [5]
-    cache.get_or_evaluate("7", prompts, generate)
+    cache.get_or_evaluate(TRAINED, prompts, generate)
     assert calls == [5, 5]
     for entry in tmp_path.glob("*.json"):
         entry.write_text("{corrupt")  # an unreadable entry is a miss, then rewritten
-    assert cache.get_or_evaluate("base:student", prompts, generate) == first
+    assert cache.get_or_evaluate(BASE, prompts, generate) == first
     assert calls == [5, 5, 5]
-    assert cache.get("base:student", first.prompt_set) == first
+    assert cache.get(BASE, first.prompt_set) == first
+
+
+# ------------------------------------------------------------------------------------------ the project's set
+def _builder():
+    """The generator script beside the file, imported from its path (it is a script, not a package module)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("build_if_project", PROJECT_PROMPTS.with_name("build_if_project.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def project_build():
+    return _builder().build()
+
+
+def test_the_default_set_is_the_project_set_with_240_prompts_over_all_25_types():
+    prompts = load_prompts()
+    assert len(prompts) == 240
+    assert [p.key for p in prompts] == list(range(1, 241))
+    assert len({i for p in prompts for i in p.instruction_id_list}) == 25
+    assert sum(len(p.instruction_id_list) for p in prompts) == 299
+
+
+def test_the_project_set_is_exactly_what_its_script_builds(project_build):
+    rows, _ = project_build
+    assert PROJECT_PROMPTS.read_text(encoding="utf-8") == _builder().render_jsonl(rows)
+
+
+def test_every_row_names_its_source():
+    rows = [json.loads(line) for line in PROJECT_PROMPTS.read_text(encoding="utf-8").splitlines()]
+    sources = {r["key"]: r["source"] for r in rows}
+    assert {sources[k] for k in range(1, 41)} == {"hand-written (if_demo.jsonl)"}
+    assert all(sources[k].startswith("generated by build_if_project.py") for k in range(41, 241))
+
+
+def test_every_composed_prompt_is_satisfied_by_its_reference_answer(project_build):
+    rows, refs = project_build
+    prompts = {p.key: p for p in load_prompts()}
+    composed = [prompts[k] for k in sorted(refs)]
+    result = score(composed, [refs[p.key] for p in composed])
+    assert len(composed) == 200
+    assert result.prompt_strict == 1.0
+    assert result.instruction_strict == 1.0
+
+
+def test_composed_prompts_fail_another_prompts_reference(project_build):
+    _, refs = project_build
+    prompts = {p.key: p for p in load_prompts()}
+    keys = sorted(refs)
+    swapped = score([prompts[k] for k in keys], [refs[keys[(i + 1) % len(keys)]] for i in range(len(keys))])
+    assert swapped.prompt_strict < 0.5  # the instructions are really checked, not passed by any text
+
+
+@pytest.mark.skipif(not GOOGLE_IFEVAL.exists(), reason=f"{GOOGLE_IFEVAL} not present")
+def test_no_project_prompt_comes_from_the_public_set():
+    import re
+
+    public = [json.loads(line)["prompt"] for line in GOOGLE_IFEVAL.read_text(encoding="utf-8").splitlines()]
+    ours = load_prompts()
+
+    def grams(text: str) -> set[tuple[str, ...]]:
+        w = re.findall(r"\w+", text.lower())
+        return {tuple(w[i:i + 6]) for i in range(len(w) - 5)}
+
+    public_text, public_grams = " ".join(p.lower() for p in public), [grams(p) for p in public]
+    first = {p.key: re.split(r"(?<=[.?!])\s", p.prompt.strip(), maxsplit=1)[0].lower() for p in ours}
+    assert not {p.prompt.strip().lower() for p in ours} & {p.strip().lower() for p in public}
+    assert [k for k, task in first.items() if task in public_text] == []  # no task sentence is a public one
+    overlap = max(len(grams(p.prompt) & g) / len(grams(p.prompt)) for p in ours if p.key > 40 for g in public_grams)
+    assert overlap < 0.5  # composed prompts share at most a stock instruction phrase
