@@ -12,6 +12,7 @@ bad value anywhere fails when the file is read, naming the field and the value, 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -117,14 +118,21 @@ class TrainConfig(TrainSettings):
 
 
 class EvalSettings(StrictConfig):
-    """How the candidate and the champion are measured (the same prompts and seeds for both)."""
+    """How the candidate and the champion are measured: the same prompts and seeds for both, so the gate can pair
+    them prompt by prompt (`nightly_train.gate`)."""
 
-    ifeval_path: Path | None = Field(None, description="IFEval JSONL; None = the project's own small set.")
+    ifeval_path: Path | None = Field(None, description=(
+        "IFEval JSONL (e.g. the public 541 prompts, kept outside the project); None = the project's own 240-prompt "
+        "set (nightly_train/instruction_sets/if_project.jsonl)."))
     ifeval_subset: int | None = Field(None, ge=1, description="Seeded subset size (None = all prompts).")
     ifeval_seed: int = Field(0, description="Seed of the subset.")
-    ifeval_max_tokens: int = Field(128, ge=1, description="Greedy answer length cap.")
-    kl_prompts: int = Field(16, ge=2, description="Held-out prompts for the reverse-KL meter.")
-    kl_max_tokens: int = Field(64, ge=1, description="Sampled tokens per held-out prompt.")
+    ifeval_max_tokens: int = Field(128, ge=1, description="Greedy answer length cap (the champion's result is cached "
+                                                           "by model identity, so each model pays it once).")
+    kl_prompts: int = Field(16, ge=2, description="Held-out prompts for the reverse-KL meter (the gate's units).")
+    kl_samples_per_prompt: int = Field(4, ge=1, description=(
+        "Samples per held-out prompt and side (same seeds for candidate and champion); more lower the per-prompt "
+        "noise of the paired KL tests."))
+    kl_max_tokens: int = Field(64, ge=1, description="Sampled tokens per held-out sample.")
     seed: int = Field(0, description="Seed of the held-out samples (same for candidate and champion).")
     greedy_prompt: str = Field("Give three tips for staying healthy.", description="Shown before/after.")
 
@@ -157,6 +165,15 @@ class NightlyConfig(StrictConfig):
     train: TrainSettings = Field(default_factory=TrainSettings, description="Training hyperparameters.")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="How candidate and champion are measured.")
     gate: GatePolicy = Field(default_factory=GatePolicy, description="What the candidate must pass.")
+
+    @model_validator(mode="after")
+    def _kl_tests_can_pass(self) -> NightlyConfig:
+        # The sign-flip tests' smallest p is 2^-n over n prompts: fewer than log2(1/alpha) can never pass.
+        if 2.0 ** -self.eval.kl_prompts > self.gate.alpha:
+            need = math.ceil(math.log2(1 / self.gate.alpha))
+            raise ValueError(f"eval.kl_prompts={self.eval.kl_prompts} can never pass the paired KL tests at "
+                             f"gate.alpha={self.gate.alpha} (smallest p 2^-{self.eval.kl_prompts}); use at least {need}")
+        return self
 
     def registered_model(self) -> str:
         from model_runtime.models import ModelMeta

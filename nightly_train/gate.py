@@ -1,28 +1,30 @@
 """The promotion gate, pure: may tonight's adapter become the `candidate`? (No MLflow, no torch, no I/O.)
 
-Checks, all of which must pass:
-- `ifeval`: no statistically significant drop in IFEval prompt-level strict accuracy beyond the tolerance,
-  judged *paired* on the same prompts (candidate vs champion, prompt by prompt). Only discordant prompts carry
-  information: b = champion passes & candidate fails, c = candidate passes & champion fails. One-sided:
-  - tolerance 0: exact McNemar, p = P(X >= b), X ~ Binomial(b + c, 1/2) (b=5, c=0 gives 1/32);
-  - tolerance d > 0: H0 "the drop (b - c)/N is at most d", Tango's (1998) score test for a difference of
-    paired proportions with a margin: Z = (b - c - N d) / sqrt(N (2 q + d - d^2)), q the maximum-likelihood
-    rate of c-type prompts under the H0 boundary, p = 1 - Phi(Z). Better calibrated on small N than a Wald
-    test; it equals McNemar's score test at d = 0. Being asymptotic it is a little optimistic on few
-    discordant pairs, so the reported p is max(score p, exact McNemar p): "drop <= 0" is part of H0, so also
-    requiring the exact test to reject it never raises the level, and p never falls below the d = 0 value.
-  The gate blocks only when p < alpha, so noise on a small set rarely blocks a good candidate; `min_prompts`
-  refuses sets too small to catch a clearly worse one (at alpha 0.05 it takes at least 5 regressions with no
-  improvement to block; simulated: 40 prompts, 30% of them regressing and 5% improving, blocks 85% of runs).
-- `kl`: held-out reverse KL to the teacher below the champion's (`candidate < champion * kl_ratio + kl_margin`).
-- `finite`: no NaN or inf in any number the gate sees (KLs and every extra metric the caller passes).
+Every rule is a one-sided paired test, candidate against champion on the same prompts, so that noise alone can
+neither promote nor block. The statistics live in `nightly_train.stats` (hand-checked there); here are the rules:
+
+- `kl` (superiority): held-out reverse KL to the teacher must be *significantly* lower. Per held-out prompt i,
+  d_i = kl_ratio * champion_i + kl_margin - candidate_i, where each side's value is its mean reverse KL over
+  `samples_per_prompt` samples drawn with the same seeds for both; sign-flip test of H0 "mean(d) <= 0",
+  pass when p <= alpha. A candidate identical to the champion gives d = 0 and p = 1; one equal in
+  distribution passes with probability <= alpha (measured: tests/unit/test_gate_calibration.py).
+- `forward_kl` (non-inferiority): the teacher's own samples (the same for both sides: same teacher, same seeds)
+  scored by each student; d_i = champion_i + forward_kl_margin - candidate_i; pass when significantly > 0,
+  i.e. the forward KL is shown to be worse by less than the margin.
+- `distinct_2` (non-inferiority): per-completion distinct-2 of each side's own samples, averaged per prompt;
+  d_i = candidate_i - champion_i + distinct_2_margin. A candidate that lowers reverse KL by repeating a token
+  the teacher likes fails here and on `forward_kl`.
+- `ifeval` (non-inferiority): prompt-level strict accuracy, paired by prompt; H0 "the drop is >= ifeval_margin",
+  Tango's score test (exact McNemar at margin 0). A set too small or too noisy fails to show non-inferiority
+  instead of waving the candidate through. The detail states the minimum detectable effect (the margin a truly
+  equal candidate passes with `power` at the observed discordance), so a reviewer knows what the set can see.
+- `finite`: no NaN or inf in any number the gate sees (every per-prompt value and every extra metric).
 - `adapter`: the adapter folder passed `model_runtime.adapters.check_adapter_dir` (the caller passes its error).
 
-First night, no champion yet: the reference side is the untrained student base. The caller scores the base
-(IFEval and held-out KL) and passes those numbers as the champion's, with `reference="base:<model_id>"`.
+First night, no champion yet: the reference side is the untrained student base (`reference="base:<model_id>"`).
 
-    inputs = GateInputs.from_ifeval(cand_ifeval, champ_ifeval, candidate_kl=0.85, champion_kl=1.21,
-                                    adapter_error=None, reference="champion:v3")
+    inputs = GateInputs.from_ifeval(cand_ifeval, champ_ifeval, candidate=HeldoutPerPrompt.from_distill(cand_d),
+                                    champion=HeldoutPerPrompt.from_distill(champ_d), reference="champion:v3")
     decision = evaluate_gate(GatePolicy(), inputs)
     print(decision.summary_table()); client.set_tags(decision.to_tags())
 """
@@ -37,68 +39,205 @@ from pydantic import Field
 
 from foundation.config import StrictConfig
 from foundation.errors import GateError
+from nightly_train.stats import (
+    NonInferiorityTest,
+    SignFlipResult,
+    min_attainable_p,
+    paired_noninferiority,
+    sign_flip_mde,
+    sign_flip_test,
+)
+
+SAMPLE_RULES = ("kl", "forward_kl", "distinct_2")
+STAT_RULES = ("ifeval", *SAMPLE_RULES)
 
 
 def _fmt(x: float) -> str:
     return format(x, ".6g")
 
 
+def _pct(alpha: float) -> str:
+    return format(100 * (1 - 2 * alpha), ".4g")
+
+
 class GatePolicy(StrictConfig):
     """How strict the gate is (the nightly file's `gate` section)."""
 
-    ifeval_tolerance: float = Field(0.0, ge=0.0, lt=1.0, allow_inf_nan=False, description=(
-        "Allowed drop in IFEval prompt-level strict accuracy (a fraction in [0, 1))."))
-    alpha: float = Field(0.05, gt=0.0, lt=1.0, allow_inf_nan=False, description=(
-        "Significance level of the one-sided paired regression test."))
-    kl_ratio: float = Field(1.0, gt=0.0, allow_inf_nan=False, description=(
-        "The candidate's held-out reverse KL must be below champion_kl * kl_ratio + kl_margin."))
-    kl_margin: float = Field(0.0, allow_inf_nan=False, description="See kl_ratio (defaults: strictly below).")
+    alpha: float = Field(0.05, gt=0.0, lt=0.5, allow_inf_nan=False, description=(
+        "Level of every one-sided paired test of the gate."))
+    ifeval_margin: float = Field(0.05, ge=0.0, lt=1.0, allow_inf_nan=False, description=(
+        "Non-inferiority margin of IFEval prompt-level strict accuracy: the candidate must be shown to lose less "
+        "than this (a fraction in [0, 1); 0 = it must be shown better)."))
     min_prompts: int = Field(20, ge=1, strict=True, description=(
         "The gate refuses (GateError) to judge IFEval on fewer prompts."))
+    kl_ratio: float = Field(1.0, gt=0.0, allow_inf_nan=False, description=(
+        "Per held-out prompt, the candidate's reverse KL must be significantly below "
+        "champion_kl * kl_ratio + kl_margin."))
+    kl_margin: float = Field(0.0, allow_inf_nan=False, description="See kl_ratio (defaults: significantly below).")
+    forward_kl_margin: float = Field(0.1, ge=0.0, allow_inf_nan=False, description=(
+        "Non-inferiority margin of the forward KL on teacher samples (nats/token the candidate may lose)."))
+    distinct_2_margin: float = Field(0.05, ge=0.0, le=1.0, allow_inf_nan=False, description=(
+        "Non-inferiority margin of per-completion distinct-2 (the drop the candidate may show)."))
+    power: float = Field(0.8, gt=0.0, lt=1.0, allow_inf_nan=False, description=(
+        "Power at which the minimum detectable effects are reported."))
 
     def to_tags(self) -> dict[str, str]:
-        return {f"gate.policy.{name}": _fmt(getattr(self, name)) if name != "min_prompts" else str(self.min_prompts)
-                for name in ("ifeval_tolerance", "alpha", "kl_ratio", "kl_margin", "min_prompts")}
+        return {f"gate.policy.{name}": str(v) if isinstance(v, int) else _fmt(v)
+                for name, v in self.model_dump().items()}
 
 
-# ------------------------------------------------------------------------------- paired regression test
-def mcnemar_exact_p(b: int, c: int) -> float:
-    """One-sided exact McNemar: P(X >= b) for X ~ Binomial(b + c, 1/2); 1.0 without discordant pairs."""
-    n = b + c
-    return sum(math.comb(n, k) for k in range(b, n + 1)) / 2**n
+# ------------------------------------------------------------------------------------------------ inputs
+@dataclass(frozen=True)
+class HeldoutPerPrompt:
+    """One side's held-out meter per prompt, in prompt order (`evaluate.DistillMetrics.per_prompt`)."""
 
+    reverse_kl: Sequence[float]
+    forward_kl: Sequence[float]
+    distinct_2: Sequence[float]
+    heldout_set: str = ""  # fingerprint of prompts, seeds, samples and length: values pair only under equal ones
+    samples_per_prompt: int = 1
 
-def tango_score_p(b: int, c: int, n: int, margin: float) -> tuple[float, float]:
-    """(Z, one-sided p) of Tango's score test of H0 "(b - c)/n <= margin" for paired binary outcomes.
+    @classmethod
+    def from_distill(cls, distill: Mapping) -> HeldoutPerPrompt:
+        """From an `Evaluation` side's `distill` dict (its `per_prompt` entry)."""
+        try:
+            pp = distill["per_prompt"]
+            return cls(tuple(pp["reverse_kl"]), tuple(pp["forward_kl"]), tuple(pp["distinct_2"]),
+                       str(pp.get("heldout_set", "")), int(pp.get("samples_per_prompt", 1)))
+        except (KeyError, TypeError) as exc:
+            raise GateError(f"evaluation lacks per-prompt held-out values ({exc}): re-run the evaluate task") from exc
 
-    q is the restricted MLE of P(c-type) with P(b-type) = q + margin: the positive root of
-    2n q^2 + B q + C = 0, B = -(b + c) + margin (2n - b + c), C = -c margin (1 - margin).
-    """
-    a2, b1, c0 = 2.0 * n, -(b + c) + margin * (2 * n - b + c), -c * margin * (1.0 - margin)
-    q = (-b1 + math.sqrt(b1 * b1 - 4.0 * a2 * c0)) / (2.0 * a2)
-    var = n * (2.0 * q + margin - margin * margin)
-    if var <= 0.0:  # margin 0 and no discordant pair: no evidence of any difference
-        return 0.0, 1.0
-    z = (b - c - n * margin) / math.sqrt(var)
-    return z, 0.5 * math.erfc(z / math.sqrt(2.0))
+    def values(self, rule: str) -> Sequence[float]:
+        return {"kl": self.reverse_kl, "forward_kl": self.forward_kl, "distinct_2": self.distinct_2}[rule]
 
 
 @dataclass(frozen=True)
-class RegressionTest:
-    """Outcome of the paired IFEval regression test (prompt-level strict)."""
+class GateInputs:
+    """What the gate judges. The champion side is the untrained student base when there is no champion yet.
 
-    n: int
-    regressions: int  # b: champion passed, candidate failed
-    improvements: int  # c: candidate passed, champion failed
-    candidate_rate: float
-    champion_rate: float
-    p_value: float
-    method: str
-    blocked: bool
+    `candidate_strict`/`champion_strict`: `IFEvalResult.per_prompt_strict` of both, on the same prompts in the
+    same order (pass both `prompt_set` fingerprints to have that checked). `candidate`/`champion`: the held-out
+    meter per prompt. `adapter_error`: the message `check_adapter_dir` raised, None when it passed.
+    `extra_metrics`: any other numbers (training losses, aggregate KLs, ...) that must be finite.
+    """
+
+    candidate_strict: Sequence[bool]
+    champion_strict: Sequence[bool]
+    candidate: HeldoutPerPrompt
+    champion: HeldoutPerPrompt
+    adapter_error: str | None = None
+    extra_metrics: Mapping[str, float] = field(default_factory=dict)
+    candidate_prompt_set: str | None = None
+    champion_prompt_set: str | None = None
+    reference: str = "champion"  # what the champion side is: "champion:v7" or "base:<model_id>"
+    models: Mapping[str, str] = field(default_factory=dict)  # side -> model identity key, for the tags
+
+    @classmethod
+    def from_ifeval(cls, candidate_ifeval, champion_ifeval, **kw) -> GateInputs:
+        """From two `nightly_train.ifeval.IFEvalResult`s: their strict per-prompt passes and prompt sets."""
+        return cls(candidate_ifeval.per_prompt_strict, champion_ifeval.per_prompt_strict,
+                   candidate_prompt_set=candidate_ifeval.prompt_set, champion_prompt_set=champion_ifeval.prompt_set,
+                   **kw)
+
+    @classmethod
+    def from_evaluation(cls, evaluation: Mapping, **kw) -> GateInputs:
+        """From `Evaluation.model_dump()` (what `pipeline.evaluate` wrote)."""
+        cand, champ = evaluation["candidate"], evaluation["champion"]
+        extra = {f"{s}.{k}": v for s, side in (("candidate", cand), ("champion", champ))
+                 for k, v in side["distill"].items() if isinstance(v, float)}
+        models = {s: str(side.get("model", {}).get("key", "")) for s, side in (("candidate", cand), ("champion", champ))}
+        return cls(cand["ifeval"]["per_prompt_strict"], champ["ifeval"]["per_prompt_strict"],
+                   HeldoutPerPrompt.from_distill(cand["distill"]), HeldoutPerPrompt.from_distill(champ["distill"]),
+                   extra_metrics={**extra, **kw.pop("extra_metrics", {})},
+                   candidate_prompt_set=cand["ifeval"].get("prompt_set") or None,
+                   champion_prompt_set=champ["ifeval"].get("prompt_set") or None,
+                   reference=str(evaluation.get("reference", "champion")), models=models, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ rules
+@dataclass(frozen=True)
+class GateCheck:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class SampleRule:
+    """A held-out meter rule: paired sign-flip test of the per-prompt improvement (positive = candidate better)."""
+
+    name: str
+    candidate_mean: float
+    champion_mean: float
+    effect: float  # mean per-prompt improvement
+    ci_low: float  # (1 - 2 alpha) interval of the improvement, by inverting the sign-flip test
+    ci_high: float
+    required: str  # H1 in words
+    test: SignFlipResult | None  # on the shifted differences; None when a value was not finite
+    mde: float
+    samples_per_prompt: int
+    detail: str
 
     @property
-    def drop(self) -> float:
-        return (self.regressions - self.improvements) / self.n
+    def passed(self) -> bool:
+        return self.test is not None and self.test.significant
+
+
+_METRIC = {"kl": ("reverse KL", "nats/token"), "forward_kl": ("forward KL", "nats/token"),
+           "distinct_2": ("distinct-2", "")}
+
+
+def sample_rule(name: str, policy: GatePolicy, candidate: Sequence[float], champion: Sequence[float], *,
+                samples_per_prompt: int = 1) -> SampleRule:
+    """One of `kl`, `forward_kl`, `distinct_2` on per-prompt values of both sides (same prompts, same order)."""
+    cand, champ = [float(x) for x in candidate], [float(x) for x in champion]
+    if len(cand) != len(champ):
+        raise GateError(f"{name}: {len(cand)} candidate vs {len(champ)} champion held-out prompts")
+    if not cand:
+        raise GateError(f"{name}: no held-out prompts")
+    n, a = len(cand), policy.alpha
+    if name == "distinct_2":
+        improvement = [k - h for k, h in zip(cand, champ)]
+        shifted = [x + policy.distinct_2_margin for x in improvement]
+        required = f"improvement > -{_fmt(policy.distinct_2_margin)} (non-inferiority)"
+    elif name == "forward_kl":
+        improvement = [h - k for k, h in zip(cand, champ)]
+        shifted = [x + policy.forward_kl_margin for x in improvement]
+        required = f"improvement > -{_fmt(policy.forward_kl_margin)} (non-inferiority)"
+    elif name == "kl":
+        improvement = [h - k for k, h in zip(cand, champ)]
+        shifted = [policy.kl_ratio * h + policy.kl_margin - k for k, h in zip(cand, champ)]
+        required = ("improvement > 0 (superiority)" if (policy.kl_ratio, policy.kl_margin) == (1.0, 0.0) else
+                    f"candidate < {_fmt(policy.kl_ratio)} x champion + {_fmt(policy.kl_margin)}")
+    else:
+        raise ValueError(f"unknown sample rule {name!r}")
+    metric, unit = _METRIC[name]
+    c_mean, h_mean = sum(cand) / n, sum(champ) / n
+    if not all(math.isfinite(x) for x in improvement + shifted):
+        return SampleRule(name, c_mean, h_mean, float("nan"), float("nan"), float("nan"), required, None,
+                          float("nan"), samples_per_prompt, f"{metric}: non-finite per-prompt values; cannot test")
+    test, raw = sign_flip_test(shifted, a), sign_flip_test(improvement, a)
+    mde = sign_flip_mde(raw.sd, n, a, policy.power)
+    detail = (f"{metric} {_fmt(c_mean)} vs {_fmt(h_mean)}{' ' + unit if unit else ''}; improvement per prompt "
+              f"{_fmt(raw.mean)}, {_pct(a)}% CI [{_fmt(raw.lower)}, {_fmt(raw.upper)}]; H1 {required}; "
+              f"{test.method} p={_fmt(test.p_value)} (alpha {_fmt(a)}, n={n} prompts x {samples_per_prompt} "
+              f"samples, MDE {_fmt(mde)} at power {_fmt(policy.power)})")
+    if min_attainable_p(n) > a:
+        need = math.ceil(math.log2(1 / a))
+        detail += f"; with {n} prompts the smallest attainable p is {_fmt(min_attainable_p(n))}: hold out >= {need}"
+    return SampleRule(name, c_mean, h_mean, raw.mean, raw.lower, raw.upper, required, test, mde, samples_per_prompt,
+                      detail)
+
+
+@dataclass(frozen=True)
+class IFEvalRule:
+    test: NonInferiorityTest
+    candidate_rate: float
+    champion_rate: float
+
+    @property
+    def passed(self) -> bool:
+        return self.test.passed
 
 
 def _as_bools(values: Sequence[object], side: str) -> tuple[bool, ...]:
@@ -108,71 +247,43 @@ def _as_bools(values: Sequence[object], side: str) -> tuple[bool, ...]:
     return tuple(bool(v) for v in values)
 
 
-def paired_regression_test(candidate: Sequence[bool], champion: Sequence[bool], *, tolerance: float,
-                           alpha: float) -> RegressionTest:
-    """Compare per-prompt strict passes over the same prompts; block on a significant drop beyond tolerance."""
+def ifeval_rule(policy: GatePolicy, candidate: Sequence[bool], champion: Sequence[bool]) -> IFEvalRule:
+    """Paired non-inferiority of per-prompt strict passes over the same prompts."""
     cand, champ = _as_bools(candidate, "candidate"), _as_bools(champion, "champion")
     if len(cand) != len(champ):
         raise GateError(f"paired IFEval test needs the same prompts: {len(cand)} candidate vs {len(champ)} champion")
     if not cand:
         raise GateError("paired IFEval test on zero prompts")
     n = len(cand)
+    if n < policy.min_prompts:
+        raise GateError(f"refusing to judge IFEval on {n} prompts (min_prompts={policy.min_prompts})")
     b = sum(h and not k for k, h in zip(cand, champ))
     c = sum(k and not h for k, h in zip(cand, champ))
-    p, method = mcnemar_exact_p(b, c), "exact-mcnemar"
-    if tolerance > 0.0:
-        # "drop <= 0" lies inside "drop <= tolerance": requiring the exact test of the former to reject too
-        # keeps the level and tames the score test's small-count optimism as the tolerance nears 0.
-        p, method = max(p, tango_score_p(b, c, n, tolerance)[1]), "tango-score+exact-mcnemar"
-    blocked = p < alpha and (b - c) / n > tolerance
-    return RegressionTest(n, b, c, sum(cand) / n, sum(champ) / n, p, method, blocked)
+    test = paired_noninferiority(b, c, n, margin=policy.ifeval_margin, alpha=policy.alpha, power=policy.power)
+    return IFEvalRule(test, sum(cand) / n, sum(champ) / n)
 
 
-# ------------------------------------------------------------------------------------------------ gate
-@dataclass(frozen=True)
-class GateInputs:
-    """What the gate judges. The champion side is the untrained student base when there is no champion yet.
-
-    `candidate_strict`/`champion_strict`: `IFEvalResult.per_prompt_strict` of both, on the same prompts in the
-    same order (pass both `prompt_set` fingerprints to have that checked). KLs: held-out mean reverse KL to the
-    teacher (nats/token). `adapter_error`: the message `check_adapter_dir` raised, None when it passed.
-    `extra_metrics`: any other numbers (training losses, forward KL, ...) that must be finite.
-    """
-
-    candidate_strict: Sequence[bool]
-    champion_strict: Sequence[bool]
-    candidate_kl: float
-    champion_kl: float
-    adapter_error: str | None = None
-    extra_metrics: Mapping[str, float] = field(default_factory=dict)
-    candidate_prompt_set: str | None = None
-    champion_prompt_set: str | None = None
-    reference: str = "champion"  # what the champion side is: "champion:v7" or "base:<model_id>"
-
-    @classmethod
-    def from_ifeval(cls, candidate, champion, *, candidate_kl: float, champion_kl: float, **kw) -> GateInputs:
-        """From two `nightly_train.ifeval.IFEvalResult`s: their strict per-prompt passes and prompt sets."""
-        return cls(candidate.per_prompt_strict, champion.per_prompt_strict, candidate_kl=candidate_kl,
-                   champion_kl=champion_kl, candidate_prompt_set=candidate.prompt_set,
-                   champion_prompt_set=champion.prompt_set, **kw)
+def _ifeval_detail(rule: IFEvalRule, policy: GatePolicy) -> str:
+    t = rule.test
+    detail = (f"prompt strict {_fmt(rule.candidate_rate)} vs {_fmt(rule.champion_rate)} on {t.n} prompts; "
+              f"b={t.regressions} c={t.improvements}; drop {_fmt(t.drop)}, {_pct(policy.alpha)}% CI "
+              f"[{_fmt(t.lower)}, {_fmt(t.upper)}]; H1 drop < {_fmt(t.margin)} (non-inferiority); {t.method} p={_fmt(t.p_value)} "
+              f"(alpha {_fmt(policy.alpha)}); MDE {_fmt(t.mde)} at discordance {_fmt(t.discordance)}, power "
+              f"{_fmt(policy.power)}")
+    if t.margin < t.mde:
+        detail += f" (margin below the MDE: a truly equal candidate passes with power {_fmt(t.power_at_margin)})"
+    return detail
 
 
-@dataclass(frozen=True)
-class GateCheck:
-    name: str
-    passed: bool
-    detail: str
-
-
+# ------------------------------------------------------------------------------------------------ decision
 @dataclass(frozen=True)
 class GateDecision:
     policy: GatePolicy
     checks: tuple[GateCheck, ...]
-    ifeval: RegressionTest
-    candidate_kl: float
-    champion_kl: float
-    kl_threshold: float
+    ifeval: IFEvalRule
+    samples: Mapping[str, SampleRule]
     reference: str
+    models: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -184,22 +295,42 @@ class GateDecision:
 
     def to_tags(self) -> dict[str, str]:
         """Flat string tags for MLflow (`gate.passed` is "true"/"false", as the registry reads it)."""
-        t = self.ifeval
+        t = self.ifeval.test
         tags = {
             "gate.passed": str(self.passed).lower(),
             "gate.failed_checks": ",".join(self.failed_checks),
             "gate.reference": self.reference,
             "gate.ifeval.method": t.method,
             "gate.ifeval.p_value": _fmt(t.p_value),
+            "gate.ifeval.statistic": _fmt(t.z),
+            "gate.ifeval.effect": _fmt(-t.drop),  # improvement-oriented like every rule: positive = candidate better
+            "gate.ifeval.ci_low": _fmt(-t.upper),
+            "gate.ifeval.ci_high": _fmt(-t.lower),
+            "gate.ifeval.required": f"improvement > -{_fmt(t.margin)} (non-inferiority)",
+            "gate.ifeval.margin": _fmt(t.margin),
+            "gate.ifeval.mde": _fmt(t.mde),
+            "gate.ifeval.power_at_margin": _fmt(t.power_at_margin),
+            "gate.ifeval.n": str(t.n),
             "gate.ifeval.n_prompts": str(t.n),
             "gate.ifeval.regressions": str(t.regressions),
             "gate.ifeval.improvements": str(t.improvements),
-            "gate.ifeval.candidate_prompt_strict": _fmt(t.candidate_rate),
-            "gate.ifeval.champion_prompt_strict": _fmt(t.champion_rate),
-            "gate.kl.candidate": _fmt(self.candidate_kl),
-            "gate.kl.champion": _fmt(self.champion_kl),
-            "gate.kl.threshold": _fmt(self.kl_threshold),
+            "gate.ifeval.discordance": _fmt(t.discordance),
+            "gate.ifeval.candidate": _fmt(self.ifeval.candidate_rate),
+            "gate.ifeval.champion": _fmt(self.ifeval.champion_rate),
+            "gate.ifeval.candidate_prompt_strict": _fmt(self.ifeval.candidate_rate),
+            "gate.ifeval.champion_prompt_strict": _fmt(self.ifeval.champion_rate),
         }
+        for name, r in self.samples.items():
+            tags.update({f"gate.{name}.candidate": _fmt(r.candidate_mean), f"gate.{name}.champion": _fmt(r.champion_mean),
+                         f"gate.{name}.effect": _fmt(r.effect), f"gate.{name}.ci_low": _fmt(r.ci_low),
+                         f"gate.{name}.ci_high": _fmt(r.ci_high), f"gate.{name}.mde": _fmt(r.mde),
+                         f"gate.{name}.required": r.required, f"gate.{name}.samples_per_prompt": str(r.samples_per_prompt)})
+            if r.test is not None:
+                tags.update({f"gate.{name}.method": r.test.method, f"gate.{name}.p_value": _fmt(r.test.p_value),
+                             f"gate.{name}.statistic": _fmt(r.test.mean), f"gate.{name}.n": str(r.test.n)})
+        for side, key in self.models.items():
+            if key:
+                tags[f"gate.model.{side}"] = key
         for check in self.checks:
             tags[f"gate.{check.name}.passed"] = str(check.passed).lower()
             tags[f"gate.{check.name}.detail"] = check.detail[:4000]
@@ -213,33 +344,12 @@ class GateDecision:
         return "\n".join(lines)
 
 
-def _ifeval_check(policy: GatePolicy, inputs: GateInputs) -> tuple[GateCheck, RegressionTest]:
-    if (inputs.candidate_prompt_set and inputs.champion_prompt_set
-            and inputs.candidate_prompt_set != inputs.champion_prompt_set):
-        raise GateError(f"IFEval results come from different prompt sets: candidate {inputs.candidate_prompt_set} "
-                        f"vs champion {inputs.champion_prompt_set}")
-    n = len(inputs.candidate_strict)
-    if n < policy.min_prompts:
-        raise GateError(f"refusing to judge IFEval on {n} prompts (min_prompts={policy.min_prompts})")
-    t = paired_regression_test(inputs.candidate_strict, inputs.champion_strict,
-                               tolerance=policy.ifeval_tolerance, alpha=policy.alpha)
-    detail = (f"prompt strict {_fmt(t.candidate_rate)} vs {_fmt(t.champion_rate)} on {t.n} prompts; "
-              f"b={t.regressions} c={t.improvements}; {t.method} p={_fmt(t.p_value)} "
-              f"(alpha {_fmt(policy.alpha)}, tolerance {_fmt(policy.ifeval_tolerance)})")
-    return GateCheck("ifeval", not t.blocked, detail), t
-
-
-def evaluate_gate(policy: GatePolicy, inputs: GateInputs) -> GateDecision:
-    """Run every check. Raises GateError when IFEval cannot be judged (too few or mismatched prompts)."""
-    ifeval_check, test = _ifeval_check(policy, inputs)
-
-    cand_kl, champ_kl = float(inputs.candidate_kl), float(inputs.champion_kl)
-    threshold = champ_kl * policy.kl_ratio + policy.kl_margin
-    kl_ok = math.isfinite(cand_kl) and math.isfinite(threshold) and cand_kl < threshold
-    kl_check = GateCheck("kl", kl_ok, f"held-out reverse KL {_fmt(cand_kl)} vs {inputs.reference} "
-                                      f"{_fmt(champ_kl)} (must be < {_fmt(threshold)})")
-
-    numbers = {"candidate_kl": cand_kl, "champion_kl": champ_kl, **inputs.extra_metrics}
+def _finite_check(inputs: GateInputs) -> GateCheck:
+    numbers: dict[str, object] = {}
+    for side, pp in (("candidate", inputs.candidate), ("champion", inputs.champion)):
+        for rule in SAMPLE_RULES:
+            numbers.update({f"{side}.{rule}[{i}]": v for i, v in enumerate(pp.values(rule))})
+    numbers.update(inputs.extra_metrics)
     bad = []
     for name, value in numbers.items():
         try:
@@ -247,11 +357,39 @@ def evaluate_gate(policy: GatePolicy, inputs: GateInputs) -> GateDecision:
                 bad.append(f"{name}={value}")
         except (TypeError, ValueError):
             bad.append(f"{name}={value!r}")
-    finite_check = GateCheck("finite", not bad, f"non-finite: {', '.join(bad)}" if bad
-                             else f"{len(numbers)} numbers finite")
+    return GateCheck("finite", not bad, f"non-finite: {', '.join(bad[:20])}" if bad else f"{len(numbers)} numbers finite")
 
+
+def evaluate_gate(policy: GatePolicy, inputs: GateInputs) -> GateDecision:
+    """Run every rule. Raises GateError when the evidence cannot be paired (different or too few prompts)."""
+    if (inputs.candidate_prompt_set and inputs.champion_prompt_set
+            and inputs.candidate_prompt_set != inputs.champion_prompt_set):
+        raise GateError(f"IFEval results come from different prompt sets: candidate {inputs.candidate_prompt_set} "
+                        f"vs champion {inputs.champion_prompt_set}")
+    cand, champ = inputs.candidate, inputs.champion
+    if cand.heldout_set and champ.heldout_set and cand.heldout_set != champ.heldout_set:
+        raise GateError(f"held-out meters come from different prompts or seeds: candidate {cand.heldout_set} vs "
+                        f"champion {champ.heldout_set}")
+    ifeval = ifeval_rule(policy, inputs.candidate_strict, inputs.champion_strict)
+    samples = {name: sample_rule(name, policy, cand.values(name), champ.values(name),
+                                 samples_per_prompt=cand.samples_per_prompt) for name in SAMPLE_RULES}
+    checks = [GateCheck("ifeval", ifeval.passed, _ifeval_detail(ifeval, policy))]
+    checks += [GateCheck(name, r.passed, r.detail) for name, r in samples.items()]
+    checks.append(_finite_check(inputs))
     err = inputs.adapter_error
-    adapter_check = GateCheck("adapter", err is None, "adapter folder checked" if err is None else err)
+    checks.append(GateCheck("adapter", err is None, "adapter folder checked" if err is None else err))
+    return GateDecision(policy, tuple(checks), ifeval, samples, inputs.reference, dict(inputs.models))
 
-    return GateDecision(policy, (ifeval_check, kl_check, finite_check, adapter_check), test,
-                        cand_kl, champ_kl, threshold, inputs.reference)
+
+# ------------------------------------------------------------------------------------------------ reading tags
+_FIELDS = ("passed", "method", "p_value", "statistic", "effect", "ci_low", "ci_high", "margin", "required", "mde",
+           "n", "candidate", "champion", "regressions", "improvements", "discordance", "power_at_margin",
+           "samples_per_prompt", "detail")
+
+
+def rules_from_tags(tags: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """The gate's evidence per rule, read back from `GateDecision.to_tags()` (MLflow run or version tags):
+    {"kl": {"passed": "true", "p_value": "0.0012", "effect": ..., "ci_low": ..., ...}, ...} in the gate's order."""
+    order = [k[len("gate."):-len(".passed")] for k in tags
+             if k.startswith("gate.") and k.endswith(".passed") and k.count(".") == 2]
+    return {name: {f: tags[f"gate.{name}.{f}"] for f in _FIELDS if f"gate.{name}.{f}" in tags} for name in order}

@@ -229,44 +229,51 @@ def train(night: Night) -> Trained:
 
 # ---- evaluate, gate, review -------------------------------------------------------------------------------------
 def evaluate(night: Night, trained: Trained) -> Evaluation:
-    """IFEval (greedy) and held-out reverse/forward KL for the candidate and the manifest's champion, same prompts."""
-    from model_runtime.models import load_model, load_tokenizer
+    """IFEval (greedy) and the held-out meter for the candidate and the manifest's champion, paired by prompt.
+
+    Both sides answer the same held-out prompts with the same sampling seeds (`eval.kl_samples_per_prompt` each)
+    and are scored against one set of teacher samples (forward KL), so the gate compares them prompt by prompt.
+    IFEval results are cached by model identity (base id + weights digests): yesterday's candidate, tonight's
+    champion, is scored once."""
+    from model_runtime.models import ModelMeta, load_model, load_tokenizer
     from nightly_train import ifeval
-    from nightly_train.evaluate import evaluate_distillation, greedy_generate_fn, student_with_adapter
+    from nightly_train.evaluate import evaluate_distillation, greedy_generate_fn, student_with_adapter, teacher_reference
+    from nightly_train.identity import model_identity
     from schemas.trajectory import SamplingParams
 
-    cfg, layout, run_id = night.cfg, night.layout, trained.run_id
+    cfg, layout, run_id, ev = night.cfg, night.layout, trained.run_id, night.cfg.eval
     out_path = layout.evaluation_file(run_id)
     if out_path.exists():
         return Evaluation.read(out_path)
     manifest, _, heldout_ids = frozen_manifest(night)
     heldout = night.store.load_scored(heldout_ids, cfg.teacher_id)
-    prompts = list({tuple(t.prompt_ids): t.prompt_ids for t in heldout}.values())[: cfg.eval.kl_prompts]
+    prompts = list({tuple(t.prompt_ids): t.prompt_ids for t in heldout}.values())[: ev.kl_prompts]
     if len(prompts) < 2:
         raise GateError(f"interval {night.key} has {len(prompts)} held-out prompts; the KL gate needs at least 2")
     champ_version = manifest.champion_version
     tok = load_tokenizer(cfg.student_dir)
     teacher = load_model(cfg.teacher_dir)
-    if_prompts = ifeval.load_prompts(cfg.eval.ifeval_path, subset=cfg.eval.ifeval_subset, seed=cfg.eval.ifeval_seed)
-    decoding = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=cfg.eval.ifeval_max_tokens)
+    reference = teacher_reference(teacher, tok, prompts, samples_per_prompt=ev.kl_samples_per_prompt,
+                                  max_tokens=ev.kl_max_tokens, seed=ev.seed, temperature=cfg.train.teacher_temperature)
+    if_prompts = ifeval.load_prompts(ev.ifeval_path, subset=ev.ifeval_subset, seed=ev.ifeval_seed)
+    decoding = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=ev.ifeval_max_tokens)
     cache = ifeval.ResultCache(layout.ifeval_cache_dir)
     sides = {}
     for side, adapter, version in (("champion", champion_adapter(night, champ_version), champ_version),
                                    ("candidate", layout.adapter_dir, None)):
         model = student_with_adapter(cfg.student_dir, adapter)
-        gen = greedy_generate_fn(model, tok, cfg.eval.ifeval_max_tokens)
-        cache_key = f"v{version}" if version else ("base" if side == "champion" else None)
-        if cache_key:
-            if_res = cache.get_or_evaluate(cache_key, if_prompts, gen, decoding)
-        else:
-            if_res = ifeval.evaluate(if_prompts, gen)
-        kl = evaluate_distillation(model, teacher, tok, prompts, max_tokens=cfg.eval.kl_max_tokens,
-                                   seed=cfg.eval.seed, greedy_prompt=cfg.eval.greedy_prompt,
-                                   teacher_temperature=cfg.train.teacher_temperature)
-        sides[side] = SideEvaluation(version=version, ifeval=if_res.to_dict(),
-                                     distill={**kl.as_metrics(), "greedy_answer": kl.greedy_answer})
+        identity = model_identity(cfg.student_dir, adapter)
+        if_res = cache.get_or_evaluate(identity, if_prompts, greedy_generate_fn(model, tok, ev.ifeval_max_tokens),
+                                       decoding)
+        kl = evaluate_distillation(model, teacher, tok, prompts, max_tokens=ev.kl_max_tokens, seed=ev.seed,
+                                   greedy_prompt=ev.greedy_prompt, teacher_temperature=cfg.train.teacher_temperature,
+                                   samples_per_prompt=ev.kl_samples_per_prompt, reference=reference)
+        sides[side] = SideEvaluation(version=version, model=identity.to_dict(), ifeval=if_res.to_dict(),
+                                     distill={**kl.as_metrics(), "greedy_answer": kl.greedy_answer,
+                                              "per_prompt": kl.per_prompt()})
+    base_ref = f"base:{ModelMeta.read(cfg.student_dir).model_id}"
     evaluation = Evaluation(interval_key=night.key, run_id=run_id, **sides,
-                            reference=f"champion:v{champ_version}" if champ_version else "base")
+                            reference=f"champion:v{champ_version}" if champ_version else base_ref)
     client = night.mlflow()
     for side in ("candidate", "champion"):
         for name, value in evaluation.side(side).distill.items():
@@ -284,20 +291,14 @@ def gate(night: Night, evaluation: Evaluation) -> GateOutcome:
     from model_runtime.adapters import check_adapter_dir
     from model_runtime.models import ModelMeta
     from nightly_train.gate import GateInputs, evaluate_gate
-    from nightly_train.ifeval import IFEvalResult
 
     adapter_error = None
     try:
         check_adapter_dir(night.layout.adapter_dir, ModelMeta.read(night.cfg.student_dir).model_id)
     except AdapterError as exc:
         adapter_error = str(exc)
-    cand, champ = (IFEvalResult.from_dict(evaluation.side(s).ifeval) for s in ("candidate", "champion"))
-    decision = evaluate_gate(night.cfg.gate, GateInputs.from_ifeval(
-        cand, champ, candidate_kl=evaluation.candidate.distill["reverse_kl"],
-        champion_kl=evaluation.champion.distill["reverse_kl"], adapter_error=adapter_error,
-        extra_metrics={f"{s}.{k}": v for s in ("candidate", "champion")
-                       for k, v in evaluation.side(s).distill.items() if isinstance(v, float)},
-        reference=evaluation.reference))
+    decision = evaluate_gate(night.cfg.gate, GateInputs.from_evaluation(evaluation.model_dump(),
+                                                                        adapter_error=adapter_error))
     client = night.mlflow()
     for k, v in decision.to_tags().items():
         client.set_tag(evaluation.run_id, k, v)

@@ -43,9 +43,12 @@ class Trained(NightValue):
 
 
 class SideEvaluation(NightValue):
-    """One model's measurements: IFEval (`IFEvalResult.to_dict()`) and the distillation meter."""
+    """One model's measurements: IFEval (`IFEvalResult.to_dict()`) and the distillation meter (aggregates, the greedy
+    answer and `per_prompt`: the values the gate pairs with the other side's)."""
 
     version: str | None = Field(description="Registry version; None for the candidate or the student base.")
+    model: dict[str, Any] = Field(default_factory=dict, description=(
+        "`identity.ModelIdentity.to_dict()`: base id and sha256 of the base and adapter bytes."))
     ifeval: dict[str, Any]
     distill: dict[str, Any]
 
@@ -53,7 +56,7 @@ class SideEvaluation(NightValue):
 class Evaluation(NightValue):
     interval_key: str
     run_id: str
-    reference: str = Field(description="What the champion side is: 'champion:v3' or 'base'.")
+    reference: str = Field(description="What the champion side is: 'champion:v3' or 'base:<student id>'.")
     candidate: SideEvaluation
     champion: SideEvaluation
 

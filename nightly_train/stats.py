@@ -111,6 +111,8 @@ def sign_flip_test(d: Sequence[float], alpha: float, *, exact_max: int = EXACT_M
         raise ValueError("sign-flip test on non-finite differences")
     mean = sum(d) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("nan")
+    if sd < 1e-12 * (1.0 + abs(mean)):
+        sd = 0.0  # constant differences: float noise is not spread
     subsets, extra = _subset_values(d, exact_max=exact_max, draws=draws, seed=seed)
     denom = len(subsets) + extra
     tol = 1e-12 * (1.0 + sum(abs(x) for x in d))  # float noise of a sum that is 0 in exact arithmetic is a tie

@@ -69,3 +69,14 @@ def test_run_layout_names_every_path_of_a_night(tmp_path):
     assert layout.champion_dir("3") == layout.root / "champion-v3"
     assert layout.evaluation_file("abc") == layout.root / "evaluation-abc.json"
     assert layout.ifeval_cache_dir == tmp_path / "ifeval-cache"
+
+
+def test_the_eval_section_sets_the_samples_per_held_out_prompt(tmp_path):
+    cfg = NightlyConfig.from_json_file(_write(tmp_path, eval={"kl_samples_per_prompt": 2}))
+    assert cfg.eval.kl_samples_per_prompt == 2
+
+
+def test_too_few_kl_prompts_for_the_gates_alpha_fail_at_load(tmp_path):
+    with pytest.raises(ConfigError, match=r"eval\.kl_prompts=4 can never pass .* use at least 5"):
+        NightlyConfig.from_json_file(_write(tmp_path, eval={"kl_prompts": 4}))
+    assert NightlyConfig.from_json_file(_write(tmp_path, eval={"kl_prompts": 4}, gate={"alpha": 0.1})).eval.kl_prompts == 4
