@@ -3,7 +3,8 @@
 A reviewer approving `champion` should not have to read MLflow tags. Each nightly run gets one self-contained
 HTML page (inline CSS, the PNG embedded as base64 and also written beside it), logged as the run's `review/`
 artifact folder and openable from disk:
-- the gate's checks and the candidate-vs-champion table (IFEval's four metrics, held-out reverse/forward KL,
+- the gate's checks, its paired tests (what each must show, the improvement with its interval, p, n, the minimum
+  detectable effect) and the candidate-vs-champion table (IFEval's four metrics, held-out reverse/forward KL,
   distinct-2, greedy answers) from the gate tags and the `Evaluation` that `pipeline.evaluate` returns;
 - training curves (loss, sampled reverse KL, advantage, importance-ratio stats per step) from
   `<runs_dir>/<interval>/train_history.json`;
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from model_runtime.logprobs import completion_logprobs
+from nightly_train.gate import rules_from_tags
 from nightly_train.layout import RunLayout
 from nightly_train.results import Evaluation, GateOutcome
 
@@ -149,9 +151,7 @@ def render_case(case: PenaltyCase, vmax: float, before_label: str, after_label: 
 
 def gate_checks(gate_tags: Mapping[str, str]) -> list[tuple[str, bool, str]]:
     """(name, passed, detail) of each check, from `GateDecision.to_tags()` (in its order)."""
-    names = [k[len("gate."):-len(".passed")] for k in gate_tags if k.startswith("gate.") and k.endswith(".passed")
-             and k.count(".") == 2]
-    return [(n, gate_tags[f"gate.{n}.passed"] == "true", gate_tags.get(f"gate.{n}.detail", "")) for n in names]
+    return [(n, r["passed"] == "true", r.get("detail", "")) for n, r in rules_from_tags(gate_tags).items()]
 
 
 def _metric_rows(evaluation: Mapping[str, Any]) -> list[tuple[str, Any, Any, bool | None]]:
@@ -172,6 +172,45 @@ def _metric_rows(evaluation: Mapping[str, Any]) -> list[tuple[str, Any, Any, boo
     return rows
 
 
+_RULE_TITLES = {"ifeval": "IFEval prompt-level strict", "kl": "held-out reverse KL", "forward_kl": "forward KL",
+                "distinct_2": "distinct-2"}
+
+
+def _num(text: str | None) -> str:
+    try:
+        return f"{float(text):.4g}"
+    except (TypeError, ValueError):
+        return _e(text or "")
+
+
+def render_rules(gate_tags: Mapping[str, str]) -> str:
+    """One row per paired test: what it must show, the effect with its interval, p against alpha, n and the MDE.
+    Effects are improvements (positive = candidate better), so every rule reads the same way."""
+    alpha = gate_tags.get("gate.policy.alpha", "")
+    ci = f"{100 * (1 - 2 * float(alpha)):.4g}% CI" if alpha else "CI"
+    rows = []
+    for name, r in rules_from_tags(gate_tags).items():
+        if "p_value" not in r:
+            continue  # finite and adapter have no statistic: the checks table shows them
+        ok = r.get("passed") == "true"
+        n = _e(r.get("n", ""))
+        if r.get("samples_per_prompt"):
+            n += f" prompts &times; {_e(r['samples_per_prompt'])}"
+        rows.append(f'<tr><td>{_e(_RULE_TITLES.get(name, name))}</td><td class="{"pass" if ok else "fail"}">'
+                    f'{"PASS" if ok else "FAIL"}</td><td>{_e(r.get("required", ""))}</td>'
+                    f'<td>{_num(r.get("effect"))}</td><td>[{_num(r.get("ci_low"))}, {_num(r.get("ci_high"))}]</td>'
+                    f'<td>{_num(r.get("p_value"))}</td><td>{n}</td><td>{_num(r.get("mde"))}</td>'
+                    f'<td class="muted">{_e(r.get("method", ""))}</td></tr>')
+    if not rows:
+        return ""
+    return (f'<h3>Paired tests, candidate vs champion (alpha {_e(alpha)})</h3><table class="rules"><tr><th>rule</th>'
+            f'<th>result</th><th>must show</th><th>improvement</th><th>{ci}</th><th>p</th><th>n</th><th>MDE</th>'
+            f'<th>test</th></tr>{"".join(rows)}</table><p class="muted">Improvement = champion minus candidate for the '
+            f'KLs, candidate minus champion for distinct-2 and IFEval (positive = candidate better), per prompt. MDE: the '
+            f'effect this many prompts detect with 80% power (IFEval: the non-inferiority margin a truly equal '
+            f'candidate passes at the observed discordance).</p>')
+
+
 def render_gate(evaluation: Mapping[str, Any], gate_tags: Mapping[str, str]) -> str:
     checks = "".join(f'<tr><td>{_e(n)}</td><td class="{"pass" if ok else "fail"}">{"PASS" if ok else "FAIL"}</td>'
                      f'<td>{_e(d)}</td></tr>' for n, ok, d in gate_checks(gate_tags))
@@ -184,7 +223,7 @@ def render_gate(evaluation: Mapping[str, Any], gate_tags: Mapping[str, str]) -> 
                       f'{_e(evaluation[side]["distill"].get("greedy_answer", ""))}</pre></div>'
                       for side, label in (("champion", reference), ("candidate", "candidate")))
     return (f'<h2>Gate</h2><table><tr><th>check</th><th>result</th><th>detail</th></tr>{checks}</table>'
-            f'<h2>Candidate vs {reference}</h2><table><tr><th>metric</th><th>candidate</th><th>{reference}</th>'
+            f'{render_rules(gate_tags)}<h2>Candidate vs {reference}</h2><table><tr><th>metric</th><th>candidate</th><th>{reference}</th>'
             f'</tr>{metrics}</table><h3>Greedy answer</h3><div class="answers">{answers}</div>')
 
 

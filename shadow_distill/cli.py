@@ -9,7 +9,7 @@
     shadow-distill nightly run --config nightly.json [--start ISO --end ISO]
     shadow-distill nightly review --config nightly.json --start ISO --end ISO     # rebuild the review page
     shadow-distill promote approve --version N --reviewer NAME   (or: promote --version N --reviewer NAME)
-    shadow-distill promote rollback --actor NAME | promote status
+    shadow-distill promote rollback --actor NAME | promote status      # status: each alias with its gate evidence
     shadow-distill stack up | down | status
 
 Errors a user can fix (bad flag values, refused promotions, missing models) print one line and exit 2.
@@ -157,12 +157,47 @@ def cmd_promote(args: argparse.Namespace) -> None:
         info = reg.rollback(args.actor or args.reviewer or os.environ.get("USER", ""))
         print(f"rolled back: version {info.version} is champion again")
     else:
-        out = {}
-        for alias in ("champion", "candidate", "previous"):
-            v = reg.alias(alias)
-            out[alias] = None if v is None else {"version": v.version, "gate.passed": v.tags.get("gate.passed"),
-                                                 "approved_by": v.tags.get("approved_by")}
-        print(json.dumps(out, indent=1))
+        print(json.dumps(promote_status(reg), indent=1))
+
+
+def _number(text: str | None) -> float | int | str | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
+
+
+def gate_evidence(tags: dict[str, str]) -> dict:
+    """A version's gate evidence from its tags (`nightly_train.gate.GateDecision.to_tags`, copied at registration):
+    per rule its verdict and, for the paired tests, what it had to show, the improvement with its interval, p, n
+    and the minimum detectable effect."""
+    from nightly_train.gate import rules_from_tags
+
+    rules = {}
+    for name, r in rules_from_tags(tags).items():
+        rule: dict = {"passed": r.get("passed") == "true"}
+        if "p_value" in r:
+            rule.update({"must_show": r.get("required"), "improvement": _number(r.get("effect")),
+                         "ci": [_number(r.get("ci_low")), _number(r.get("ci_high"))], "p_value": _number(r["p_value"]),
+                         "n": _number(r.get("n")), "mde": _number(r.get("mde")), "method": r.get("method")})
+        else:
+            rule["detail"] = r.get("detail")
+        rules[name] = rule
+    return {"reference": tags.get("gate.reference"), "model": tags.get("gate.model.candidate"),
+            "alpha": _number(tags.get("gate.policy.alpha")), "rules": rules}
+
+
+def promote_status(reg) -> dict:
+    """Who is champion, candidate and previous, each with the evidence its gate saw."""
+    out = {}
+    for alias in ("champion", "candidate", "previous"):
+        v = reg.alias(alias)
+        out[alias] = None if v is None else {"version": v.version, "gate.passed": v.tags.get("gate.passed"),
+                                             "approved_by": v.tags.get("approved_by"), "gate": gate_evidence(v.tags)}
+    return out
 
 
 def cmd_stack(args: argparse.Namespace) -> None:

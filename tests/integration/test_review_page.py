@@ -12,13 +12,14 @@ import torch
 from model_runtime.chat import user_prompt_ids
 from model_runtime.models import eos_token_ids, load_model, load_tokenizer
 from model_runtime.sampling import DecodeParams, sample
-from nightly_train.gate import GateInputs, GatePolicy, evaluate_gate
+from nightly_train.gate import GateInputs, GatePolicy, HeldoutPerPrompt, evaluate_gate
 from nightly_train.review import REPORT_FILE, ReviewPage, score_cases, write_review
 from tests.support.serving import make_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 CHROMIUM = Path("/usr/bin/chromium")
 DARK = (103, 0, 13)  # the darkest penalty colour
+WIDTH, HEIGHT = 1280, 2800  # tall enough for the gate's tables, the curves and the first heatmaps
 
 
 def side(kl: float, strict: float, answer: str, version=None) -> dict:
@@ -47,9 +48,10 @@ def report(tiny_models, tmp_path_factory) -> Path:
         samples = sample(base, prompts, params, eos_ids=eos_token_ids(tok, base), pad_id=tok.pad_token_id)
     rows = [(f"traj-{i}", p, s.completion_ids) for i, (p, s) in enumerate(zip(prompts, samples))]
     cases = score_cases(base, candidate, teacher, tok, rows)
-    tags = evaluate_gate(GatePolicy(min_prompts=2), GateInputs(
-        [True, True, False], [True, False, False], candidate_kl=0.91, champion_kl=1.37,
-        reference="base:tiny")).to_tags()
+    champ = HeldoutPerPrompt((1.4, 1.3, 1.5, 1.2, 1.45, 1.35), (2.8,) * 6, (0.7,) * 6, "h", 4)
+    cand = HeldoutPerPrompt((0.9, 0.95, 0.85, 1.0, 0.8, 0.97), (1.9,) * 6, (0.72,) * 6, "h", 4)
+    tags = evaluate_gate(GatePolicy(min_prompts=2, ifeval_margin=0.5), GateInputs(
+        [True, True, False], [True, False, False], cand, champ, reference="base:tiny")).to_tags()
     evaluation = {"candidate": side(0.91, 0.42, "The sea <is> wide & deep."), "champion": side(1.37, 0.4, "sea sea"),
                   "reference": "base:tiny"}
     history = [{"step": s, "loss": 0.8 / s + 0.05, "sampled_reverse_kl": 1.4 / s ** 0.5, "advantage_mean": -0.5 / s,
@@ -63,7 +65,7 @@ def report(tiny_models, tmp_path_factory) -> Path:
 def screenshot(page: Path, out: Path, profile: Path) -> Path:
     cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", f"--screenshot={out}", "--window-size=1280,2000", page.as_uri()]
+           f"--user-data-dir={profile}", f"--screenshot={out}", f"--window-size={WIDTH},{HEIGHT}", page.as_uri()]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.exists(), proc.stderr[-2000:]
@@ -77,7 +79,7 @@ def test_chromium_renders_the_page_with_a_heatmap(report, tmp_path):
 
     png = screenshot(report, tmp_path / "page.png", tmp_path / "profile")
     image = Image.open(png).convert("RGB")
-    assert image.size == (1280, 2000)
+    assert image.size == (WIDTH, HEIGHT)
     pixels = list(image.getdata())
     assert len(set(pixels)) > 500  # text, table, curves and heatmap, not a blank or error page
     near_dark = sum(1 for p in pixels if sum(abs(a - b) for a, b in zip(p, DARK)) < 40)

@@ -9,7 +9,7 @@ import torch
 
 from model_runtime.logprobs import completion_logprobs
 from model_runtime.models import load_model, load_tokenizer
-from nightly_train.gate import GateInputs, GatePolicy, evaluate_gate
+from nightly_train.gate import GateInputs, GatePolicy, HeldoutPerPrompt, evaluate_gate
 from nightly_train.review import (
     CURVES_FILE,
     REPORT_FILE,
@@ -41,8 +41,12 @@ EVALUATION = {"candidate": side(0.8, 0.5, NASTY), "champion": side(1.2, 0.5, "pl
 
 
 def gate_tags() -> dict[str, str]:
-    decision = evaluate_gate(GatePolicy(min_prompts=2), GateInputs(
-        [True, False], [True, False], candidate_kl=0.8, champion_kl=1.2, reference="champion:v3"))
+    """A passing gate: 6 held-out prompts all 0.4 nats better, 40 IFEval prompts unchanged (margin 0.3)."""
+    champ = HeldoutPerPrompt((1.2,) * 6, (2.0,) * 6, (0.9,) * 6, "h", 2)
+    cand = HeldoutPerPrompt((0.8,) * 6, (2.0,) * 6, (0.9,) * 6, "h", 2)
+    strict = [True, False] * 20
+    decision = evaluate_gate(GatePolicy(min_prompts=2, ifeval_margin=0.3), GateInputs(
+        strict, list(strict), cand, champ, reference="champion:v3"))
     return decision.to_tags()
 
 
@@ -116,11 +120,23 @@ def test_report_has_both_sides_gate_table_and_escaped_answers(cases):
     assert out.count('class="tok"') == 2 * n_tokens
     assert out.count("before: champion v3") == out.count("after: candidate") == len(cases)
     assert [(n, ok) for n, ok, _ in gate_checks(gate_tags())] == [
-        ("ifeval", True), ("kl", True), ("finite", True), ("adapter", True)]
+        ("ifeval", True), ("kl", True), ("forward_kl", True), ("distinct_2", True), ("finite", True), ("adapter", True)]
     assert "gate PASSED" in out
     assert 'class="better"' in out  # candidate's lower reverse KL is marked better
     assert math.isfinite(penalty_scale(cases))
     assert penalty_scale(cases) > 0
+
+
+def test_the_paired_tests_table_shows_each_rule_with_its_evidence():
+    from nightly_train.review import render_rules
+
+    out = render_rules(gate_tags())
+    rows = re.findall(r"<tr><td>([^<]*)</td><td class=\"(pass|fail)\">", out)
+    assert rows == [("IFEval prompt-level strict", "pass"), ("held-out reverse KL", "pass"), ("forward KL", "pass"),
+                    ("distinct-2", "pass")]
+    assert "<th>90% CI</th>" in out
+    assert "<td>0.01562</td><td>6 prompts &times; 2</td>" in out  # p = 2^-6 on six prompts of two samples
+    assert "improvement &gt; 0 (superiority)" in out
 
 
 def test_curves_png_and_self_contained_page_are_written(tmp_path, cases):
