@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
 from feature_store.coverage import WindowStatus, seen_up_to, watermark
+from feature_store.erasure import Erasure, Subject, erased_hashes, forget
 from feature_store.records import (
     LoggedTrajectory,
     PartitionProgress,
@@ -76,6 +78,9 @@ def make_engine(url: str) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -143,7 +148,8 @@ class FeatureStore:
         now = datetime.now(UTC)
         with Session(self.engine) as s, s.begin():
             mark = self._watermark(s, *next(iter(groups))) if groups else None
-            rows = [trajectory_row(lt.trajectory, now, lt.partition, lt.offset, mark) for lt in trajectories]
+            rows = self._not_erased(s, [trajectory_row(lt.trajectory, now, lt.partition, lt.offset, mark)
+                                        for lt in trajectories])
             new = self._insert_rows(s, TrajectoryRow, rows)
             self._record_progress(s, progress, now)
             return new
@@ -173,8 +179,22 @@ class FeatureStore:
         score_rows = [score_row(t, sc, teacher_id, now, tokenizer_fingerprint, teacher_temperature) for t, sc in items]
         traj_rows = [trajectory_row(t, now) for t, _ in items]
         with Session(self.engine) as s, s.begin():
+            traj_rows = self._not_erased(s, traj_rows)
+            kept = {r["trajectory_id"] for r in traj_rows}
             self._insert_rows(s, TrajectoryRow, traj_rows)
-            return self._insert_rows(s, TeacherScoreRow, score_rows)
+            return self._insert_rows(s, TeacherScoreRow, [r for r in score_rows if r["trajectory_id"] in kept])
+
+    @staticmethod
+    def _not_erased(s: Session, rows: list[dict]) -> list[dict]:
+        """The rows whose caller and end user were not erased (`feature_store.erasure`): what still arrives for an
+        erased caller is dropped, never landed."""
+        callers, users = erased_hashes(s, {r["caller_hash"] for r in rows if r["caller_hash"]},
+                                       {r["user_hash"] for r in rows if r["user_hash"]})
+        if not callers and not users:
+            return rows
+        kept = [r for r in rows if r["caller_hash"] not in callers and r["user_hash"] not in users]
+        log.info("dropped %d trajectories of erased callers", len(rows) - len(kept))
+        return kept
 
     def _insert_rows(self, s: Session, table, rows: list[dict]) -> int:
         """INSERT ... ON CONFLICT DO NOTHING; returns the rows actually inserted."""
@@ -396,6 +416,10 @@ class FeatureStore:
         row.setdefault("created_at", datetime.now(UTC))
         with Session(self.engine) as s, s.begin():
             s.execute(self._insert(AdapterVersionRow).values(row).on_conflict_do_nothing())
+
+    def forget(self, subject: Subject, subject_hash: str, *, actor: str) -> Erasure:
+        """Erase one caller's (or end user's) rows and keep them erased (`feature_store.erasure`)."""
+        return forget(self, subject, subject_hash, actor=actor)
 
     def purge(self, older_than: datetime) -> int:
         """Delete trajectories (and, by cascade, their scores and refusals) created before `older_than`."""

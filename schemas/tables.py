@@ -17,6 +17,7 @@
   is MLflow; this table lets SQL join trajectories to the policy that produced them).
 - `training_manifests`: the trajectory ids one nightly run trained on, keyed by its data interval, so a rerun of
   the same night trains on exactly the same set.
+- `erasures`: callers (or end users) whose data was erased on request; nothing of theirs is landed again.
 """
 
 from __future__ import annotations
@@ -153,3 +154,15 @@ class TrainingManifestRow(Base):
     # JSON lists of trajectory ids; the training set is frozen here the first time the night runs.
     train_ids_json: Mapped[str] = mapped_column(Text)
     heldout_ids_json: Mapped[str] = mapped_column(Text)
+
+
+class ErasureRow(Base):
+    """A caller (or end user) whose data was erased: their rows were deleted, and what still arrives for them (a
+    serving spool replaying, a Kafka backlog) is never landed (migration 0007)."""
+
+    __tablename__ = "erasures"
+
+    subject: Mapped[str] = mapped_column(String(16), primary_key=True)  # "caller" | "user"
+    subject_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    erased_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(String(200))
