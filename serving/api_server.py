@@ -122,7 +122,7 @@ def build_app(config: ServingConfig, engine: Engine, *, sink: TrajectorySink | N
                   lifespan=lifespan)
     state = app.state  # what the handlers of serving.routes read
     state.engine, state.config, state.metrics, state.keys, state.admin = engine, config, metrics, keys, admin
-    state.mirror = mirror
+    state.mirror, state.trajectories = mirror, trajectories
     state.health_details = health_details(engine, watcher)
     state.chat = OpenAIServingChat(engine, config, trajectories, limiter, mirror)
     state.completion = OpenAIServingCompletion(engine, config, trajectories, limiter, mirror)

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    ForgetRequest,
     LoadLoRAAdapterRequest,
     ShadowRequest,
     UnloadLoRAAdapterRequest,
@@ -31,8 +32,9 @@ REQUEST_BODIES: dict[str, type[BaseModel]] = {
     "/v1/load_lora_adapter": LoadLoRAAdapterRequest,
     "/v1/unload_lora_adapter": UnloadLoRAAdapterRequest,
     "/v1/shadow": ShadowRequest,
+    "/v1/admin/forget": ForgetRequest,
 }
-ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/shadow"})
+ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/shadow", "/v1/admin/forget"})
 
 
 def request_body(path: str) -> dict[str, Any]:

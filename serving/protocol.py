@@ -235,6 +235,14 @@ class UnloadLoRAAdapterRequest(AdminRequestModel):
     lora_name: str = Field(min_length=1, max_length=64)
 
 
+class ForgetRequest(AdminRequestModel):
+    """Erase a caller (an API key's name), or one end user (`user`) of that key, from the shadow log."""
+
+    caller: str = Field(min_length=1, max_length=200, description="The API key's name, as in the keys file.")
+    user: str | None = Field(default=None, min_length=1, max_length=512,
+                             description="The request `user` to erase (only that end user of the key).")
+
+
 class ShadowRequest(AdminRequestModel):
     """Mirror a share of live requests to a gated candidate (shadow mode)."""
 

@@ -40,6 +40,7 @@ from serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ErrorResponse,
+    ForgetRequest,
     LoadLoRAAdapterRequest,
     ShadowRequest,
     UnloadLoRAAdapterRequest,
@@ -259,3 +260,17 @@ async def stop_shadow(request: Request) -> Response:
 @router.get("/v1/shadow", dependencies=ADMIN)
 async def shadow_status(request: Request) -> Response:
     return JSONResponse(request.app.state.mirror.status())
+
+
+@router.post("/v1/admin/forget", dependencies=ADMIN, openapi_extra=openapi.request_body("/v1/admin/forget"))
+async def forget(request: Request, req: ForgetRequest = Depends(json_body(ForgetRequest))) -> Response:
+    """Stop logging a caller (or one end user) at once, and return the hash to erase from the store with
+    `shadow-distill store forget --caller-hash H` (serving holds the salt, the store only the hashes)."""
+    log_ = request.app.state.trajectories
+    if log_ is None:
+        raise APIError(error_response(400, "this server has no shadow log: nothing of any caller is logged",
+                                      code="invalid_value"))
+    subject, digest = log_.forget(req.caller, req.user)
+    log.info("forget: %s %s... no longer logged", subject, digest[:12])
+    return JSONResponse({"subject": subject, "hash": digest,
+                         "next": f"shadow-distill store forget --url <store> --{subject}-hash {digest}"})

@@ -158,6 +158,16 @@ class TrajectoryLog:
         self.sink, self.tokenizer, self.base_model_id, self.salt = sink, tokenizer, base_model_id, salt
         self.log_texts, self.eos_ids = log_texts, eos_ids
         self.withholder = withholder or Withholder({})
+        self.forgotten: set[str] = set()  # caller and user hashes erased on request: nothing of theirs is logged
+
+    def forget(self, caller_name: str, user: str | None = None) -> tuple[str, str]:
+        """Stop logging a caller (or one end user of that caller's key) and return ("caller"|"user", its hash),
+        the hash `shadow-distill store forget` erases from the store. This process stops at once; the store drops
+        whatever still arrives for the hash (another replica, a spool replaying), so the erasure holds."""
+        subject, digest = ("user", user_hash(caller_name, user, self.salt)) if user is not None else \
+            ("caller", caller_hash(caller_name, self.salt))
+        self.forgotten.add(digest)
+        return subject, digest
 
     def task(self, request_id: str, caller_name: str | None, end_user: str | None, rows: Sequence[RowRequest],
              results: Sequence[RowResult], adapter_version: str | None, *, shadow: bool = False) -> Callable[[], None]:
@@ -168,6 +178,8 @@ class TrajectoryLog:
         def task() -> None:
             hashes = {"caller": caller_hash(caller_name, self.salt),
                       "user": user_hash(caller_name, end_user, self.salt), "shadow": shadow}
+            if {hashes["caller"], hashes["user"]} & self.forgotten:
+                return
             fields = [self._fields(request_id, k, row, res, adapter_version, created, hashes)
                       for k, (row, res) in enumerate(zip(rows, results, strict=True))]
             submit_all(self.sink, [f for f in fields if f is not None])

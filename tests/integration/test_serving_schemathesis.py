@@ -78,7 +78,7 @@ def test_no_generated_request_gets_a_server_error(server):
     # `request.node._nodeid`, which pytest 9 no longer has; so the operations are looped here.
     schema = schemathesis.openapi.from_dict(api_schema(server.url, [server.model]))
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 10  # /health /metrics /v1/models, 4 POST bodies, shadow mode's GET and DELETE
+    assert len(operations) == 11  # /health /metrics /v1/models, 5 POST bodies, shadow mode's GET and DELETE
     failures, statuses = {}, {}
     for operation in operations:
         modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE] if operation.path in BODIES else [
