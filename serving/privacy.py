@@ -43,6 +43,9 @@ def default_salt_file() -> Path:
     return home() / "serving" / "caller_salt"
 
 
+PLACEHOLDER_PREFIX = "change-me"  # what infra/.env.example ships for every secret
+
+
 def resolve_caller_salt(config: ServingConfig, environ: Mapping[str, str] = os.environ) -> str:
     """The salt of caller and user hashes (see the module docstring for the order); never a constant."""
     salt = environ.get(config.caller_salt_env)
@@ -50,6 +53,9 @@ def resolve_caller_salt(config: ServingConfig, environ: Mapping[str, str] = os.e
         if len(salt) < MIN_SALT_CHARS:
             raise ConfigError(f"${config.caller_salt_env} has {len(salt)} characters; a caller salt needs at "
                               f"least {MIN_SALT_CHARS} (it is all that keeps caller ids from being guessed)")
+        if salt.lower().startswith(PLACEHOLDER_PREFIX):
+            raise ConfigError(f"${config.caller_salt_env} is still the {PLACEHOLDER_PREFIX}... placeholder of "
+                              "infra/.env.example: a published salt reverses caller ids; set a random one")
         return salt
     if config.dev_mode and config.caller_salt_file is None:
         log.warning("dev_mode: caller hashes use a random salt of this process; they change at every restart")

@@ -35,6 +35,11 @@ def test_a_short_salt_variable_is_refused():
         resolve_caller_salt(config(), {ENV: "short"})
 
 
+def test_the_published_placeholder_salt_of_env_example_is_refused():
+    with pytest.raises(ConfigError, match="placeholder"):
+        resolve_caller_salt(config(), {ENV: "change-me-caller-salt"})
+
+
 def test_without_the_variable_a_random_salt_is_created_in_the_salt_file(tmp_path):
     salt = resolve_caller_salt(config(caller_salt_file=tmp_path / "salt"), {})
     assert (tmp_path / "salt").read_text().strip() == salt
