@@ -62,7 +62,8 @@ def part_ifeval() -> None:
             size = noninferiority_rejection_rate(n, (psi + MARGIN) / 2, (psi - MARGIN) / 2, MARGIN, ALPHA)
             power = noninferiority_rejection_rate(n, psi / 2, psi / 2, MARGIN, ALPHA)
             old = old_rule_pass_rate(n, (psi + 0.1) / 2, (psi - 0.1) / 2, ALPHA) if psi >= 0.1 else float("nan")
-            print(f"| {n} | {psi} | {size:.3f} | {power:.3f} (approx {equal_candidate_power(n, psi, MARGIN, ALPHA):.3f})"
+            approx = equal_candidate_power(n, psi, MARGIN, ALPHA)
+            print(f"| {n} | {psi} | {size:.3f} | {power:.3f} (approx {approx:.3f})"
                   f" | {noninferiority_mde(n, psi, ALPHA):.3f} | {old:.3f} |")
 
 
@@ -99,7 +100,8 @@ def part_models(seeds: int, k: int, tokens: int) -> None:
              "Summarize the text and end with done.", "Give three bullet points about cooking.", "How are you today?",
              "Answer in JSON format please.", "Tell me about music and travel."]
     prompts = [user_prompt_ids(tok, t) for t in texts]
-    noise = {f"LoRA noise {s}": student_with_adapter(student_dir, random_adapter(student_dir, tmp / f"n{s}", 11, scale=s))
+    noise = {f"LoRA noise {s}": student_with_adapter(student_dir,
+                                                     random_adapter(student_dir, tmp / f"n{s}", 11, scale=s))
              for s in (0.01, 0.05)}
     policy, counts, t0 = GatePolicy(alpha=ALPHA), {}, time.monotonic()
 

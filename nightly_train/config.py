@@ -172,7 +172,8 @@ class NightlyConfig(StrictConfig):
         if 2.0 ** -self.eval.kl_prompts > self.gate.alpha:
             need = math.ceil(math.log2(1 / self.gate.alpha))
             raise ValueError(f"eval.kl_prompts={self.eval.kl_prompts} can never pass the paired KL tests at "
-                             f"gate.alpha={self.gate.alpha} (smallest p 2^-{self.eval.kl_prompts}); use at least {need}")
+                             f"gate.alpha={self.gate.alpha} (smallest p 2^-{self.eval.kl_prompts}); "
+                             f"use at least {need}")
         return self
 
     def registered_model(self) -> str:

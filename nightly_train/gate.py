@@ -145,7 +145,8 @@ class GateInputs:
         cand, champ = evaluation["candidate"], evaluation["champion"]
         extra = {f"{s}.{k}": v for s, side in (("candidate", cand), ("champion", champ))
                  for k, v in side["distill"].items() if isinstance(v, float)}
-        models = {s: str(side.get("model", {}).get("key", "")) for s, side in (("candidate", cand), ("champion", champ))}
+        models = {s: str(side.get("model", {}).get("key", ""))
+                  for s, side in (("candidate", cand), ("champion", champ))}
         return cls(cand["ifeval"]["per_prompt_strict"], champ["ifeval"]["per_prompt_strict"],
                    HeldoutPerPrompt.from_distill(cand["distill"]), HeldoutPerPrompt.from_distill(champ["distill"]),
                    extra_metrics={**extra, **kw.pop("extra_metrics", {})},
@@ -173,6 +174,7 @@ class SampleRule:
     ci_low: float  # (1 - 2 alpha) interval of the improvement, by inverting the sign-flip test
     ci_high: float
     required: str  # H1 in words
+    margin: float  # the allowance: H1 is improvement > -margin (kl: per prompt, with kl_ratio)
     test: SignFlipResult | None  # on the shifted differences; None when a value was not finite
     mde: float
     samples_per_prompt: int
@@ -199,22 +201,25 @@ def sample_rule(name: str, policy: GatePolicy, candidate: Sequence[float], champ
     if name == "distinct_2":
         improvement = [k - h for k, h in zip(cand, champ)]
         shifted = [x + policy.distinct_2_margin for x in improvement]
-        required = f"improvement > -{_fmt(policy.distinct_2_margin)} (non-inferiority)"
+        margin = policy.distinct_2_margin
+        required = f"improvement > -{_fmt(margin)} (non-inferiority)"
     elif name == "forward_kl":
         improvement = [h - k for k, h in zip(cand, champ)]
         shifted = [x + policy.forward_kl_margin for x in improvement]
-        required = f"improvement > -{_fmt(policy.forward_kl_margin)} (non-inferiority)"
+        margin = policy.forward_kl_margin
+        required = f"improvement > -{_fmt(margin)} (non-inferiority)"
     elif name == "kl":
         improvement = [h - k for k, h in zip(cand, champ)]
         shifted = [policy.kl_ratio * h + policy.kl_margin - k for k, h in zip(cand, champ)]
         required = ("improvement > 0 (superiority)" if (policy.kl_ratio, policy.kl_margin) == (1.0, 0.0) else
                     f"candidate < {_fmt(policy.kl_ratio)} x champion + {_fmt(policy.kl_margin)}")
+        margin = policy.kl_margin
     else:
         raise ValueError(f"unknown sample rule {name!r}")
     metric, unit = _METRIC[name]
     c_mean, h_mean = sum(cand) / n, sum(champ) / n
     if not all(math.isfinite(x) for x in improvement + shifted):
-        return SampleRule(name, c_mean, h_mean, float("nan"), float("nan"), float("nan"), required, None,
+        return SampleRule(name, c_mean, h_mean, float("nan"), float("nan"), float("nan"), required, margin, None,
                           float("nan"), samples_per_prompt, f"{metric}: non-finite per-prompt values; cannot test")
     test, raw = sign_flip_test(shifted, a), sign_flip_test(improvement, a)
     mde = sign_flip_mde(raw.sd, n, a, policy.power)
@@ -225,8 +230,8 @@ def sample_rule(name: str, policy: GatePolicy, candidate: Sequence[float], champ
     if min_attainable_p(n) > a:
         need = math.ceil(math.log2(1 / a))
         detail += f"; with {n} prompts the smallest attainable p is {_fmt(min_attainable_p(n))}: hold out >= {need}"
-    return SampleRule(name, c_mean, h_mean, raw.mean, raw.lower, raw.upper, required, test, mde, samples_per_prompt,
-                      detail)
+    return SampleRule(name, c_mean, h_mean, raw.mean, raw.lower, raw.upper, required, margin, test, mde,
+                      samples_per_prompt, detail)
 
 
 @dataclass(frozen=True)
@@ -267,7 +272,8 @@ def _ifeval_detail(rule: IFEvalRule, policy: GatePolicy) -> str:
     t = rule.test
     detail = (f"prompt strict {_fmt(rule.candidate_rate)} vs {_fmt(rule.champion_rate)} on {t.n} prompts; "
               f"b={t.regressions} c={t.improvements}; drop {_fmt(t.drop)}, {_pct(policy.alpha)}% CI "
-              f"[{_fmt(t.lower)}, {_fmt(t.upper)}]; H1 drop < {_fmt(t.margin)} (non-inferiority); {t.method} p={_fmt(t.p_value)} "
+              f"[{_fmt(t.lower)}, {_fmt(t.upper)}]; H1 drop < {_fmt(t.margin)} (non-inferiority); {t.method} "
+              f"p={_fmt(t.p_value)} "
               f"(alpha {_fmt(policy.alpha)}); MDE {_fmt(t.mde)} at discordance {_fmt(t.discordance)}, power "
               f"{_fmt(policy.power)}")
     if t.margin < t.mde:
@@ -321,10 +327,12 @@ class GateDecision:
             "gate.ifeval.champion_prompt_strict": _fmt(self.ifeval.champion_rate),
         }
         for name, r in self.samples.items():
-            tags.update({f"gate.{name}.candidate": _fmt(r.candidate_mean), f"gate.{name}.champion": _fmt(r.champion_mean),
+            tags.update({f"gate.{name}.candidate": _fmt(r.candidate_mean),
+                         f"gate.{name}.champion": _fmt(r.champion_mean),
                          f"gate.{name}.effect": _fmt(r.effect), f"gate.{name}.ci_low": _fmt(r.ci_low),
                          f"gate.{name}.ci_high": _fmt(r.ci_high), f"gate.{name}.mde": _fmt(r.mde),
-                         f"gate.{name}.required": r.required, f"gate.{name}.samples_per_prompt": str(r.samples_per_prompt)})
+                         f"gate.{name}.required": r.required, f"gate.{name}.margin": _fmt(r.margin),
+                         f"gate.{name}.samples_per_prompt": str(r.samples_per_prompt)})
             if r.test is not None:
                 tags.update({f"gate.{name}.method": r.test.method, f"gate.{name}.p_value": _fmt(r.test.p_value),
                              f"gate.{name}.statistic": _fmt(r.test.mean), f"gate.{name}.n": str(r.test.n)})
@@ -357,7 +365,8 @@ def _finite_check(inputs: GateInputs) -> GateCheck:
                 bad.append(f"{name}={value}")
         except (TypeError, ValueError):
             bad.append(f"{name}={value!r}")
-    return GateCheck("finite", not bad, f"non-finite: {', '.join(bad[:20])}" if bad else f"{len(numbers)} numbers finite")
+    detail = f"non-finite: {', '.join(bad[:20])}" if bad else f"{len(numbers)} numbers finite"
+    return GateCheck("finite", not bad, detail)
 
 
 def evaluate_gate(policy: GatePolicy, inputs: GateInputs) -> GateDecision:

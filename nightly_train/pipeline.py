@@ -237,7 +237,8 @@ def evaluate(night: Night, trained: Trained) -> Evaluation:
     champion, is scored once."""
     from model_runtime.models import ModelMeta, load_model, load_tokenizer
     from nightly_train import ifeval
-    from nightly_train.evaluate import evaluate_distillation, greedy_generate_fn, student_with_adapter, teacher_reference
+    from nightly_train.evaluate import (evaluate_distillation, greedy_generate_fn, student_with_adapter,
+                                        teacher_reference)
     from nightly_train.identity import model_identity
     from schemas.trajectory import SamplingParams
 

@@ -206,9 +206,9 @@ def render_rules(gate_tags: Mapping[str, str]) -> str:
     return (f'<h3>Paired tests, candidate vs champion (alpha {_e(alpha)})</h3><table class="rules"><tr><th>rule</th>'
             f'<th>result</th><th>must show</th><th>improvement</th><th>{ci}</th><th>p</th><th>n</th><th>MDE</th>'
             f'<th>test</th></tr>{"".join(rows)}</table><p class="muted">Improvement = champion minus candidate for the '
-            f'KLs, candidate minus champion for distinct-2 and IFEval (positive = candidate better), per prompt. MDE: the '
-            f'effect this many prompts detect with 80% power (IFEval: the non-inferiority margin a truly equal '
-            f'candidate passes at the observed discordance).</p>')
+            f'KLs, candidate minus champion for distinct-2 and IFEval (positive = candidate better), per prompt. '
+            f'MDE: the effect this many prompts detect with 80% power (IFEval: the non-inferiority margin a truly '
+            f'equal candidate passes at the observed discordance).</p>')
 
 
 def render_gate(evaluation: Mapping[str, Any], gate_tags: Mapping[str, str]) -> str:
@@ -223,7 +223,8 @@ def render_gate(evaluation: Mapping[str, Any], gate_tags: Mapping[str, str]) -> 
                       f'{_e(evaluation[side]["distill"].get("greedy_answer", ""))}</pre></div>'
                       for side, label in (("champion", reference), ("candidate", "candidate")))
     return (f'<h2>Gate</h2><table><tr><th>check</th><th>result</th><th>detail</th></tr>{checks}</table>'
-            f'{render_rules(gate_tags)}<h2>Candidate vs {reference}</h2><table><tr><th>metric</th><th>candidate</th><th>{reference}</th>'
+            f'{render_rules(gate_tags)}'
+            f'<h2>Candidate vs {reference}</h2><table><tr><th>metric</th><th>candidate</th><th>{reference}</th>'
             f'</tr>{metrics}</table><h3>Greedy answer</h3><div class="answers">{answers}</div>')
 
 

@@ -180,7 +180,8 @@ def gate_evidence(tags: dict[str, str]) -> dict:
     for name, r in rules_from_tags(tags).items():
         rule: dict = {"passed": r.get("passed") == "true"}
         if "p_value" in r:
-            rule.update({"must_show": r.get("required"), "improvement": _number(r.get("effect")),
+            rule.update({"must_show": r.get("required"), "margin": _number(r.get("margin")),
+                         "improvement": _number(r.get("effect")),
                          "ci": [_number(r.get("ci_low")), _number(r.get("ci_high"))], "p_value": _number(r["p_value"]),
                          "n": _number(r.get("n")), "mde": _number(r.get("mde")), "method": r.get("method")})
         else:

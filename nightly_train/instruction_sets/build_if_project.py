@@ -233,8 +233,9 @@ KINDS = [
           {"keyword": "compass", "frequency": 3, "relation": "less than"},
           {"keyword": "friend", "frequency": 4, "relation": "at least"},
           {"keyword": "harbor", "frequency": 2, "relation": "less than"}],
-         lambda kw, t: (f"Use the word {kw['keyword']} at least {kw['frequency']} times." if kw["relation"] == "at least"
-                        else f"Use the word {kw['keyword']} fewer than {kw['frequency']} times."), _keyword_freq),
+         lambda kw, t: (f"Use the word {kw['keyword']} at least {kw['frequency']} times."
+                        if kw["relation"] == "at least" else
+                        f"Use the word {kw['keyword']} fewer than {kw['frequency']} times."), _keyword_freq),
     Kind("keywords:forbidden_words", [{"forbidden_words": w} for w in FORBIDDEN],
          lambda kw, t: f"Do not use the words {' or '.join(kw['forbidden_words'])} anywhere in your reply.",
          lambda doc, kw: None),
@@ -247,7 +248,8 @@ KINDS = [
           {"letter": "x", "let_frequency": 2, "let_relation": "less than"}],
          lambda kw, t: (f"The letter {kw['letter']} should appear at least {kw['let_frequency']} times in your reply."
                         if kw["let_relation"] == "at least" else
-                        f"The letter {kw['letter']} should appear fewer than {kw['let_frequency']} times in your reply."),
+                        f"The letter {kw['letter']} should appear fewer than {kw['let_frequency']} times in your "
+                        "reply."),
          _letters),
     Kind("language:response_language", [{"language": code} for code in LANGUAGES],
          lambda kw, t: f"Write your whole answer in {LANGUAGES[kw['language']][0]}; no other language is allowed.",
@@ -295,7 +297,8 @@ KINDS = [
                        '"My answer is maybe."',
          lambda doc, kw: doc.sentences.insert(0, "My answer is yes."), question=True),
     Kind("detectable_format:number_highlighted_sections", [{"num_highlights": n} for n in (1, 2, 3, 2, 1, 3)],
-         lambda kw, t: f"Highlight at least {_n(kw['num_highlights'], 'part')} of your answer with markdown like *this*.",
+         lambda kw, t: (f"Highlight at least {_n(kw['num_highlights'], 'part')} of your answer with markdown like "
+                        "*this*."),
          _set(highlights=lambda kw: kw["num_highlights"])),
     Kind("detectable_format:multiple_sections",
          [{"section_spliter": w, "num_sections": n} for w, n in

@@ -54,7 +54,8 @@ def test_per_prompt_values_reach_the_gate_as_json(meter):
 
 def test_the_teacher_scored_against_itself_has_zero_kl_on_every_prompt(meter):
     teacher, _, tok, prompts, ref, _ = meter
-    m = evaluate_distillation(teacher, teacher, tok, prompts, max_tokens=10, seed=5, samples_per_prompt=3, reference=ref)
+    m = evaluate_distillation(teacher, teacher, tok, prompts, max_tokens=10, seed=5, samples_per_prompt=3,
+                              reference=ref)
     assert m.per_prompt_reverse_kl == (0.0, 0.0, 0.0)
     assert m.per_prompt_forward_kl == (0.0, 0.0, 0.0)
 

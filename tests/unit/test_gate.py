@@ -194,8 +194,8 @@ def test_from_evaluation_reads_what_the_pipeline_wrote():
                     "reverse_kl": list(pp.reverse_kl), "forward_kl": list(pp.forward_kl),
                     "distinct_2": list(pp.distinct_2), "samples_per_prompt": 4, "heldout_set": "h0"}}}
 
-    evaluation = {"candidate": one(cand_s, better(), "s@b+adapter:a"), "champion": one(champ_s, side(), "s@b+no-adapter"),
-                  "reference": "base:s"}
+    evaluation = {"candidate": one(cand_s, better(), "s@b+adapter:a"),
+                  "champion": one(champ_s, side(), "s@b+no-adapter"), "reference": "base:s"}
     d = evaluate_gate(GatePolicy(), GateInputs.from_evaluation(evaluation, adapter_error=None))
     assert d.passed
     assert d.to_tags()["gate.model.candidate"] == "s@b+adapter:a"
@@ -236,6 +236,8 @@ def test_tags_are_flat_strings_with_the_numbers():
     assert tags["gate.kl.method"] == "sign-flip exact (2^8 patterns)"
     assert tags["gate.kl.passed"] == "true"
     assert tags["gate.forward_kl.required"] == "improvement > -0.1 (non-inferiority)"
+    assert tags["gate.forward_kl.margin"] == "0.1"
+    assert tags["gate.distinct_2.margin"] == "0.05"
     assert tags["gate.policy.alpha"] == "0.05"
     assert tags["gate.policy.min_prompts"] == "20"
 

@@ -60,6 +60,7 @@ def test_a_paired_rule_carries_its_statistics(status):
     assert kl["ci"] == [pytest.approx(0.3), pytest.approx(0.3)]
     assert kl["n"] == 6
     assert kl["must_show"] == "improvement > 0 (superiority)"
+    assert kl["margin"] == 0
     assert kl["method"] == "sign-flip exact (2^6 patterns)"
 
 
