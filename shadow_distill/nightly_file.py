@@ -4,8 +4,9 @@
     NightlyConfig.from_json_file(cfg_path)
 
 The real (SmolLM2, CPU) settings keep evaluation affordable: IFEval on the project's 240 prompts, greedy, 64 tokens
-(about 2 minutes per model on 2 cores, once per model: results are cached by model identity), and 2 samples per
-held-out prompt for the paired KL tests. The gate keeps its defaults (`GatePolicy`).
+(about 2 minutes per model on 2 cores, extrapolated from ~100 s measured at 200 prompts; once per model, as results
+are cached by model identity), and 2 samples per held-out prompt for the paired KL tests. The gate keeps its
+defaults (`GatePolicy`). A caller's `eval_overrides` win: an `ifeval_subset` of 20 cannot show non-inferiority.
 
 The tiny settings (random models, for the smoke tests) check the loop's mechanics, not quality: a tiny night holds
 out 6 prompts (the sign-flip tests need at least 5 at alpha 0.05) and its rules tolerate noise by wide margins, so a
