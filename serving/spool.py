@@ -31,6 +31,7 @@ import os
 import struct
 import threading
 import zlib
+from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -101,7 +102,11 @@ class Spool:
     """Append-only segments + a persisted read cursor. Thread-safe; one reader (`iter_pending`/`ack`) at a time."""
 
     def __init__(self, directory: Path, *, max_bytes: int = 1 << 30, segment_bytes: int = 16 << 20,
-                 fsync: bool = False):
+                 fsync: bool = False, write_ahead: bool = False):
+        """`write_ahead`: the spool is a write-ahead log, drained all the time (`serving.wal`). A drained spool
+        normally starts a fresh segment and removes the old ones; a write-ahead log keeps appending to its
+        segment instead (no file is created on the request path but every `segment_bytes`), and it keeps the end
+        of every pending record in memory, so that `ack` reads nothing from disk."""
         if max_bytes < HEADER.size:
             raise ConfigError(f"spool max_bytes must be >= {HEADER.size}, got {max_bytes!r}")
         if segment_bytes < HEADER.size:
@@ -110,6 +115,8 @@ class Spool:
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.fsync = fsync
+        self.reset_when_drained = not write_ahead
+        self._ends: deque[Position] | None = deque() if write_ahead else None  # pending records' end positions
         self._lock = threading.RLock()
         self._closed = False
         self._active: BinaryIO | None = None  # append handle of the last segment
@@ -172,6 +179,8 @@ class Spool:
             valid_end = start
             for valid_end, _, _ in read_segment(path, start):
                 pending += 1
+                if self._ends is not None:
+                    self._ends.append((segment, valid_end))
             if valid_end < size:
                 if i == len(self._segments) - 1:
                     log.warning("spool %s: cut a torn tail of %d bytes (crash mid-write)", path, size - valid_end)
@@ -238,6 +247,11 @@ class Spool:
             raise ShadowDistillError(
                 f"spool {self.directory}: write failed ({exc}); {len(chunk)} record(s) not spooled"
             ) from exc
+        if self._ends is not None:
+            end = self._active_size
+            for record in chunk:
+                end += len(record)
+                self._ends.append((self._segments[-1], end))
         self._active_size += len(data)
         self._bytes += len(data)
         self._pending += len(chunk)
@@ -286,26 +300,24 @@ class Spool:
 
         The lock is held only to take a duplicate of the file descriptor, never across the disk flush, so appends
         go on while it runs. Returns whether there was anything to flush."""
-        with self._lock:
+        with self._lock:  # attribute swaps only: no system call while appends wait
             if self._closed:
                 return False
-            fd = os.dup(self._active.fileno()) if self._active is not None and self._unsynced else None
+            active = [Path(self._active.name)] if self._active is not None and self._unsynced else []
             closed, self._unsynced_closed = self._unsynced_closed, []
             dir_changed, self._dir_changed, self._unsynced = self._dir_changed, False, False
-        if fd is not None:
+        for path in closed + active:  # fsync through a descriptor of our own flushes the file's data all the same
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # acknowledged and deleted since: nothing to keep
+                continue
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        for path in closed:
-            try:
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-            except FileNotFoundError:  # acknowledged and deleted since: nothing to keep
-                pass
         if dir_changed:
             self._fsync_dir()
-        return fd is not None or bool(closed) or dir_changed
+        return bool(active or closed or dir_changed)
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
@@ -340,27 +352,55 @@ class Spool:
                 return
 
     def ack(self, n: int) -> None:
-        """Mark the `n` oldest pending records delivered: persist the cursor, delete finished segments."""
+        """Mark the `n` oldest pending records delivered: persist the cursor, delete finished segments.
+
+        The records are walked without the lock (appends only add behind them, and there is one reader), so an
+        `append` on the request path never waits for the walk, only for the cursor write."""
         with self._lock:
             if not 0 <= n <= self._pending:
                 raise ValueError(f"ack({n!r}) with {self._pending} record(s) pending")
             if n == 0:
                 return
-            position, count = self._cursor, 0
-            for position, _, _ in self._walk(self._cursor, self._segments):
-                count += 1
-                if count == n:
-                    break
-            if count < n:
-                raise ShadowDistillError(f"spool {self.directory}: {n} pending but only {count} readable")
+            start, segments = self._cursor, list(self._segments)
+            indexed = self._acked_ends(n) if self._ends is not None else None
+        position = indexed or self._position_after(start, segments, n)
+        with self._lock:
             self._pending -= n
             self.acked += n
-            if self._pending == 0:
+            if self._pending == 0 and self.reset_when_drained:
                 self._reset_drained()
-            else:
-                self._cursor = position
-                self._write_cursor()
-                self._delete_before(position[0])
+                return
+            self._cursor = position
+            finished = [old for old in self._segments if old < position[0]]
+            for old in finished:
+                self._segments.remove(old)
+        # Outside the lock: no system call inside it on this path, so an append never waits for one.
+        self._write_cursor(position)
+        self._unlink_segments(finished)
+
+    def _unlink_segments(self, segments: list[int]) -> None:
+        freed = 0
+        for old in segments:
+            path = self._segment_path(old)
+            freed += path.stat().st_size
+            path.unlink(missing_ok=True)
+        if freed:
+            with self._lock:
+                self._bytes -= freed
+
+    def _acked_ends(self, n: int) -> Position:
+        """The end of the n-th pending record, from the in-memory index (lock held); drops those n."""
+        for _ in range(n - 1):
+            self._ends.popleft()
+        return self._ends.popleft()
+
+    def _position_after(self, start: Position, segments: list[int], n: int) -> Position:
+        position, count = start, 0
+        for position, _, _ in self._walk(start, segments):
+            count += 1
+            if count == n:
+                return position
+        raise ShadowDistillError(f"spool {self.directory}: {n} pending but only {count} readable")
 
     def _reset_drained(self) -> None:
         """Everything is delivered: start a fresh segment and remove every old one."""
@@ -378,10 +418,11 @@ class Spool:
             path.unlink()
             self._segments.remove(old)
 
-    def _write_cursor(self) -> None:
+    def _write_cursor(self, cursor: Position | None = None) -> None:
+        segment, offset = cursor or self._cursor
         path, tmp = self.directory / CURSOR_FILE, self.directory / (CURSOR_FILE + ".tmp")
         with open(tmp, "w") as f:
-            json.dump({"segment": self._cursor[0], "offset": self._cursor[1]}, f)
+            json.dump({"segment": segment, "offset": offset}, f)
             f.flush()
             if self.fsync:
                 os.fsync(f.fileno())

@@ -32,7 +32,8 @@ class WriteAheadLog:
     """Sequence-numbered appends to a `Spool`, with out-of-order completion and in-order cursor moves."""
 
     def __init__(self, spool_dir: Path, *, max_bytes: int, segment_bytes: int):
-        self.spool = Spool(Path(spool_dir) / WAL_FOLDER, max_bytes=max_bytes, segment_bytes=segment_bytes)
+        self.spool = Spool(Path(spool_dir) / WAL_FOLDER, max_bytes=max_bytes, segment_bytes=segment_bytes,
+                           write_ahead=True)
         self.recovered = list(self.spool.iter_pending())  # a killed process's records, oldest first
         self._lock = threading.Lock()
         self._base = 0  # sequence number of the oldest record still in the log

@@ -167,3 +167,30 @@ def test_bad_settings_name_the_value(tmp_path):
         Spool(tmp_path, max_bytes=0)
     with pytest.raises(ConfigError, match="segment_bytes"):
         Spool(tmp_path, segment_bytes=3)
+
+
+def test_a_write_ahead_spool_acks_from_its_index_across_rotations_and_reopens(tmp_path):
+    with Spool(tmp_path, segment_bytes=200, write_ahead=True) as spool:
+        spool.append(records(30))
+        spool.ack(11)
+        spool.append(records(10, start=30))
+        assert list(spool.iter_pending()) == records(29, start=11)
+    with Spool(tmp_path, segment_bytes=200, write_ahead=True) as spool:  # the index is rebuilt on open
+        spool.ack(20)
+        assert list(spool.iter_pending()) == records(9, start=31)
+
+
+def test_a_drained_write_ahead_spool_keeps_appending_to_its_segment(tmp_path):
+    with Spool(tmp_path, write_ahead=True) as spool:
+        spool.append(records(3))
+        spool.ack(3)
+        spool.append(records(2, start=3))
+        assert len(segment_files(tmp_path)) == 1
+
+
+def test_a_drained_write_ahead_spool_resumes_after_its_cursor(tmp_path):
+    with Spool(tmp_path, write_ahead=True) as spool:
+        spool.append(records(3))
+        spool.ack(3)
+    with Spool(tmp_path, write_ahead=True) as spool:
+        assert spool.pending == 0
