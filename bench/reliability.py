@@ -4,7 +4,8 @@ Starts the local stack (Tansu broker, MLflow, serving and the teacher scorer on 
 feature store reached by the scorer through a `shadow_distill.faults.TcpProxy`), sends K chat requests/s from
 the official `openai` client (every 10th opted out with `X-Shadow-Log: off`) and, while the load runs, injects
 faults one after another: poison messages on the topic, broker frozen, scorer SIGKILLed, database cut, serving
-SIGTERMed and SIGKILLed, broker killed and restarted EMPTY. Then it kills a nightly training run and reruns it.
+SIGTERMed and SIGKILLed (also under 8 requests/s: `serving_kill_loaded`), broker killed and restarted EMPTY.
+Then it kills a nightly training run and reruns it.
 
 Accounting is by request id (each request asks for n=1, so one trajectory each):
 - answered = HTTP 200 at the client; expected = answered and not opted out;
@@ -50,7 +51,10 @@ from schemas.trajectory import DEAD_LETTER_TOPIC, DEFAULT_TOPIC  # noqa: E402
 from shadow_distill import stack  # noqa: E402
 from shadow_distill.faults import TcpProxy, frozen  # noqa: E402
 
-FAULTS = ("poison", "broker_pause", "scorer_kill", "db_outage", "serving_term", "serving_kill", "broker_restart")
+FAULTS = ("poison", "broker_pause", "scorer_kill", "db_outage", "serving_term", "serving_kill", "serving_kill_loaded",
+          "broker_restart")
+KILLS = ("serving_kill", "serving_kill_loaded")
+KILL_RPS, KILL_RAMP_S = 8.0, 4.0  # serving_kill_loaded: the load it is killed under, and for how long before
 PG_ADMIN = os.environ.get("SHADOW_DISTILL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 API_KEY, ADMIN_TOKEN = "sk-rel-" + uuid.uuid4().hex, "adm-rel-" + uuid.uuid4().hex
 SERVING_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -102,6 +106,7 @@ class Load:
         self.client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
         self.model, self.cfg, self.run = model, cfg, run
         self.outcomes: list[Outcome] = []
+        self.rps = cfg.rps  # a fault may raise it for a while
         self.stop_at = float("inf")
         self._pool = ThreadPoolExecutor(64)
         self._thread = threading.Thread(target=self._schedule, daemon=True)
@@ -113,14 +118,15 @@ class Load:
         return self
 
     def _schedule(self) -> None:
-        i = 0
-        while (due := self.t0 + i / self.cfg.rps) < self.stop_at:
+        i, due = 0, self.t0
+        while due < self.stop_at:
             time.sleep(max(0.0, due - time.monotonic()))
             out = Outcome(f"rel-{self.run}-{i:05d}", i % self.cfg.opt_out_every == self.cfg.opt_out_every - 1,
                           time.monotonic())
             self.outcomes.append(out)
             self._pool.submit(self._one, out, i)
             i += 1
+            due += 1 / self.rps
 
     def _one(self, out: Outcome, i: int) -> None:
         headers = {"X-Request-Id": out.request_id, **({"X-Shadow-Log": "off"} if out.opted_out else {})}
@@ -340,6 +346,7 @@ class Faults:
         self.records: list[FaultRecord] = []
         self.poison_keys: list[str] = []
         self.at_risk: set[str] = set()  # acknowledged by the broker, not yet stored, at the broker kill
+        self.load: Load | None = None  # set once the load runs (serving_kill_loaded raises its rate)
         self.lock = threading.Lock()  # held while a fault restarts a service (the watchdog keeps off)
 
     def run(self, name: str) -> FaultRecord:
@@ -387,6 +394,19 @@ class Faults:
         down = restart(self.sup, "serving", signal.SIGKILL, SERVING_ENV, f"{self.serving}/health")
         return {"down_s": round(down, 1), "queue_depth_before": before.get("queue_depth"),
                 "inflight_before": before.get("inflight"), "spool_pending_before": before.get("spool_pending")}
+
+    def serving_kill_loaded(self) -> dict:
+        """SIGKILL serving while it answers KILL_RPS requests/s: every request answered before the kill must be
+        stored (the shadow log's write-ahead log holds what its memory queue held)."""
+        assert self.load is not None
+        normal, self.load.rps = self.load.rps, KILL_RPS
+        try:
+            time.sleep(KILL_RAMP_S)
+            killed_at = time.monotonic()
+            notes = self.serving_kill()
+        finally:
+            self.load.rps = normal
+        return {**notes, "rps": KILL_RPS, "killed_at": killed_at}
 
     def broker_restart(self) -> dict:
         rec = self.sup.records()["broker"]
@@ -509,10 +529,13 @@ def account(outcomes: list[Outcome], stored: Counter, scored: set[str], at_risk:
     opted = {o.request_id for o in outcomes if o.opted_out}
     missing = expected - set(stored)
     broker_dropped = missing & at_risk
-    kills = [f for f in faults if f.name == "serving_kill"]
+    kills = [f for f in faults if f.name in KILLS]
     in_kill_window = {o.request_id for o in answered if o.request_id in missing - broker_dropped
-                      and any(k.start - 5.0 <= o.done_at <= k.start for k in kills)}
-    down = [(f.start, f.end + 5.0) for f in faults if f.name in ("serving_term", "serving_kill")]
+                      and any(k.start - 5.0 <= o.done_at <= k.notes.get("killed_at", k.start) for k in kills)}
+    loaded = [(f.start, f.notes["killed_at"]) for f in faults if f.name == "serving_kill_loaded" and f.notes]
+    answered_loaded = {o.request_id for o in answered if o.request_id in expected
+                       and any(a <= o.done_at <= b for a, b in loaded)}
+    down = [(f.start, f.end + 5.0) for f in faults if f.name in ("serving_term", *KILLS)]
     bad_5xx = [o for o in outcomes if o.status.isdigit() and int(o.status) >= 500
                and not (o.status == "503" and any(a <= o.sent_at <= b for a, b in down))]
     return {
@@ -523,6 +546,8 @@ def account(outcomes: list[Outcome], stored: Counter, scored: set[str], at_risk:
         "scored": len(expected & scored), "broker_at_risk": len(at_risk & expected),
         "broker_dropped": len(broker_dropped), "platform_lost": len(missing - broker_dropped),
         "platform_lost_in_serving_sigkill_window": len(in_kill_window),
+        "sigkill_loaded_answered": len(answered_loaded),
+        "sigkill_loaded_lost": len(answered_loaded & (missing - broker_dropped)),
         "platform_lost_dead_lettered": len((missing - broker_dropped) & dlq_ids),
         "duplicates": sum(1 for n in stored.values() if n > 1), "opted_out_stored": len(opted & set(stored)),
         "stored_not_answered": len(set(stored) - {o.request_id for o in answered}),
@@ -577,6 +602,8 @@ def render(r: dict, cfg: BenchConfig) -> str:
         ("LOST by the platform", r["platform_lost"]),
         ("  of which dead-lettered by the scorer", r["platform_lost_dead_lettered"]),
         ("  of which answered <5 s before serving SIGKILL", r["platform_lost_in_serving_sigkill_window"]),
+        (f"answered at {KILL_RPS:g}/s before a SIGKILL / of those LOST",
+         f"{r['sigkill_loaded_answered']} / {r['sigkill_loaded_lost']}"),
         ("duplicates (request ids stored > 1; PK on trajectory_id)", r["duplicates"]),
         ("topic copies absorbed by the idempotent store", r["topic_copies_absorbed"]),
         ("opted-out requests stored", r["opted_out_stored"]),
@@ -645,6 +672,7 @@ def run(cfg: BenchConfig) -> dict:
             wall_start = datetime.now(UTC) - timedelta(seconds=1)
             load = Load(serving, ModelMeta.read(student_dir).model_id, cfg, uuid.uuid4().hex[:6]).start(
                 cfg.minutes * 60)
+            faults.load = load
             print(f"load: {cfg.rps:g} req/s; faults: {', '.join(cfg.faults)}; run folder {workdir}", flush=True)
             warm_up(engine, timeout_s=300)  # the scorer is up and scoring before the first fault
             watchdog.start()

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-FAULTS = "poison,broker_pause,scorer_kill,db_outage,serving_kill,broker_restart"
+FAULTS = "poison,broker_pause,scorer_kill,db_outage,serving_kill,serving_kill_loaded,broker_restart"
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,14 @@ def test_every_answered_logged_request_is_stored_exactly_once(result):
     assert result["stored"] == result["expected"] - result["broker_dropped"]
     assert result["broker_dropped"] <= result["broker_at_risk"]
     assert result["coverage_s"] is not None
+
+
+def test_a_sigkill_at_8_requests_per_second_had_answered_requests_to_lose(result):
+    assert result["sigkill_loaded_answered"] > 0
+
+
+def test_a_sigkill_at_8_requests_per_second_loses_no_answered_request(result):
+    assert result["sigkill_loaded_lost"] == 0, result["lost_ids"]
 
 
 def test_poison_is_dead_lettered_and_no_secret_leaks(result):
