@@ -347,7 +347,7 @@ class OpenAIServing:
         if include_usage:
             yield renderer.usage(self.usage(plan, out))
         if task := self.trajectory_task(ctx, plan, out):
-            asyncio.get_running_loop().call_soon(task)  # after this turn; the sink itself never blocks
+            task()  # before [DONE]: written ahead to the sink's log, an answered stream survives a SIGKILL
         yield SSE_DONE
 
     # ---------------------------------------------------------------------------------------- helpers

@@ -70,12 +70,11 @@ def render(result: Completed | ErrorResponse | AsyncIterator[str]) -> Response:
     if isinstance(result, ErrorResponse):
         return error_json(result)
     if isinstance(result, Completed):
-        response = Response(result.body.model_dump_json(), media_type="application/json")
         if result.after is not None:
-            # Next loop turn, once the handler has returned: no thread hop, and not a `BackgroundTask`, which
-            # would hold the keep-alive connection (a closed-loop client's next request) until it finished.
-            asyncio.get_running_loop().call_soon(result.after)
-        return response
+            # Before the response goes out: the sink's submit writes the trajectories ahead to its log, so an
+            # answered request's trajectories survive a SIGKILL of serving (issue #13; a few microseconds each).
+            result.after()
+        return Response(result.body.model_dump_json(), media_type="application/json")
     return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -166,7 +165,7 @@ async def health(request: Request) -> Response:
         raise APIError(error_response(503, "the engine is not running", code="engine_unavailable"))
     adapter, mirror = engine.active_adapter(), request.app.state.mirror
     return JSONResponse({"status": "ok", "adapter_version": adapter.version if adapter else None,
-                         "named_adapters": sorted(engine.named_adapters()),
+                         **request.app.state.health_details(), "named_adapters": sorted(engine.named_adapters()),
                          "shadow": {"candidate": mirror.target, "last_error": mirror.last_error}})
 
 

@@ -153,8 +153,6 @@ def test_the_refusal_is_in_what_health_reports(ui_ungated):
 def test_the_refusal_is_on_health(ui_ungated):
     _, srv, _, _ = ui_ungated
     body = httpx.get(f"{srv.url}/health", timeout=10).json()
-    if "champion" not in body:
-        pytest.xfail("serving/routes.py's /health does not yet include app.state.health_details()")
     assert body["champion"]["refused"]
 
 
