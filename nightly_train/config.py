@@ -157,9 +157,11 @@ class NightlyConfig(StrictConfig):
         "A window counts as seen once every partition of the log was read past its end plus this much (event "
         "time), or found caught up that long after it: covers a serving spool that replays after an outage."))
     min_trajectories: int = Field(8, ge=1, description="Fewer scored trajectories than this: skip the night.")
-    heldout_percent: int = Field(20, ge=1, le=90, description="Share of trajectories held out, by id hash.")
-    min_heldout: int = Field(2, ge=1, description="Held-out trajectories kept even when the share rounds lower "
-                                                  "(the KL gate needs at least 2 to compare).")
+    heldout_percent: int = Field(20, ge=1, le=90, description="Share of the window's distinct prompts held out "
+                                                              "(by prompt hash).")
+    min_heldout: int = Field(8, ge=1, description=(
+        "Held-out prompts kept even when the share rounds lower: the gate's paired tests are over prompts, and "
+        "a sign-flip test over n prompts cannot reach p < 2^-n (5 is the least at alpha 0.05; 8 gives it power)."))
     retention_days: int = Field(30, ge=1, description="Trajectories older than this are purged.")
     notify_webhook: str | None = Field(None, description="POSTed a JSON summary after registration.")
     train: TrainSettings = Field(default_factory=TrainSettings, description="Training hyperparameters.")

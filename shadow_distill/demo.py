@@ -46,7 +46,8 @@ class DemoConfig(StrictConfig):
     steps: int = Field(24, ge=1, description="Optimizer steps of the nightly distillation.")
     learning_rate: float = Field(2e-4, gt=0, description="LoRA learning rate.")
     rollouts: bool = Field(True, description="Mix fresh on-policy rollouts (scored in-process) into training.")
-    ifeval_subset: int = Field(20, ge=1, description="Prompts of the project's IFEval set used by the gate.")
+    ifeval_subset: int | None = Field(None, ge=1, description=(
+        "Prompts of the project's IFEval set the gate uses (default: all 240; fewer cannot show non-inferiority)."))
     reviewer: str = Field("demo-reviewer", min_length=1, description="Who approves the candidate.")
     keep_running: bool = Field(False, description="Leave the services up at the end (stop with stack down).")
 
@@ -153,7 +154,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             "checkpoint_every": 8, "rollouts": rollouts}
         cfg_path = write_nightly_config(workdir, store_url, mlflow_uri, teacher_dir, student_dir, tiny=cfg.tiny,
                                         train=train_cfg,
-                                        eval_overrides=None if cfg.tiny else {"ifeval_subset": cfg.ifeval_subset})
+                                        eval_overrides=None if cfg.tiny or cfg.ifeval_subset is None else {"ifeval_subset": cfg.ifeval_subset})
         nightly = NightlyConfig.from_json_file(cfg_path)
         p.step("starting serving (student, shadow log on) and the teacher scorer")
         serving = stack.start_serving(sup, student_dir, bootstrap, mlflow_uri, nightly.registered_model(), api_key)

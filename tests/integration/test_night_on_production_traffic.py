@@ -34,7 +34,7 @@ def _night_config(tmp_path, tiny_models, topic: str, group: str, **train) -> Nig
         "student_dir": str(student_dir), "teacher_dir": str(teacher_dir),
         "teacher_id": ModelMeta.read(teacher_dir).model_id, "runs_dir": str(tmp_path / "runs"),
         "log_topic": topic, "scorer_group": group, "allowed_lateness_s": 1.0, "coverage_threshold": 1.0,
-        "min_trajectories": 4, "heldout_percent": 25,
+        "min_trajectories": 4, "heldout_percent": 25, "min_heldout": 3,
         "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "lora": {"rank": 4, "alpha": 8},
                   "rollouts": {"enabled": True, "per_step": 2, "max_tokens": 6}, **train},
         "eval": {"ifeval_subset": 8, "ifeval_max_tokens": 8, "kl_prompts": 6, "kl_max_tokens": 8},
