@@ -11,8 +11,10 @@ reuses the same manifest and registers no duplicate version. Heavy imports happe
 this file imports nothing but Airflow.
 
 Configuration: $SHADOW_DISTILL_NIGHTLY_CONFIG names a NightlyConfig JSON file; $SHADOW_DISTILL_SCHEDULE a cron
-(default 02:00 UTC); $SHADOW_DISTILL_RETRIES and $SHADOW_DISTILL_RETRY_DELAY_S the retry policy (2, 300 s). A run's
-`conf` may pin the window: {"window_start": ISO, "window_end": ISO}.
+(default 02:00 UTC); $SHADOW_DISTILL_RETRIES and $SHADOW_DISTILL_RETRY_DELAY_S the retry policy (2, 300 s);
+$SHADOW_DISTILL_TRAIN_GPUS the GPUs of the train task's pod under the KubernetesExecutor (0: the executor's
+default pod; the nightly file's `train.processes` runs that many torchrun ranks). A run's `conf` may pin the
+window: {"window_start": ISO, "window_end": ISO}.
 
     airflow dags test shadow_distill_nightly 2026-11-25 --conf '{"window_start": "...", "window_end": "..."}'
 """
@@ -27,6 +29,22 @@ from airflow.sdk import CronDataIntervalTimetable, PokeReturnValue, dag, get_cur
 SCHEDULE = os.environ.get("SHADOW_DISTILL_SCHEDULE", "0 2 * * *")
 RETRIES = int(os.environ.get("SHADOW_DISTILL_RETRIES", "2"))
 RETRY_DELAY = timedelta(seconds=float(os.environ.get("SHADOW_DISTILL_RETRY_DELAY_S", "300")))
+TRAIN_GPUS = int(os.environ.get("SHADOW_DISTILL_TRAIN_GPUS", "0"))  # KubernetesExecutor: GPUs of the train pod
+
+
+def _gpu_pod(gpus: int) -> dict:
+    """`executor_config` giving this task's pod `gpus` GPUs on a GPU node (KubernetesExecutor), none when 0: only
+    train (one torchrun rank per GPU: the nightly file's `train.processes`) and evaluate need one; the other tasks'
+    pods stay on CPU nodes."""
+    if gpus <= 0:
+        return {}
+    from kubernetes.client import models as k8s
+
+    resources = k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": str(gpus)})
+    return {"pod_override": k8s.V1Pod(spec=k8s.V1PodSpec(
+        containers=[k8s.V1Container(name="base", resources=resources)],
+        node_selector={"nvidia.com/gpu.present": "true"},
+        tolerations=[k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]))}
 
 
 def _night():
@@ -77,13 +95,13 @@ def shadow_distill_nightly():
 
         return pipeline.snapshot(_night()).to_xcom()
 
-    @task
+    @task(executor_config=_gpu_pod(TRAIN_GPUS))
     def train(_manifest: dict) -> dict:
         from nightly_train import pipeline
 
         return pipeline.train(_night()).to_xcom()
 
-    @task
+    @task(executor_config=_gpu_pod(min(TRAIN_GPUS, 1)))
     def evaluate(trained: dict) -> dict:
         from nightly_train import pipeline
         from nightly_train.results import Trained

@@ -93,6 +93,9 @@ class TrainSettings(StrictConfig):
     seed: int = Field(0, description="Seeds LoRA init, data order and rollouts: same seed, same data -> "
                                      "same adapter on CPU.")
     device: str = Field("auto", description="'auto' (CUDA with bf16 when present), 'cpu' or 'cuda'.")
+    processes: int = Field(1, ge=1, description=(
+        "Training processes on this host under torchrun (one GPU each with CUDA, gloo on the CPU); each trains on "
+        "its shard of every global batch (nightly_train.distributed). 1: a single process."))
 
 
 class TrainConfig(TrainSettings):

@@ -8,7 +8,7 @@ batch, up to floating-point order. Only rank 0 writes checkpoints, the adapter, 
 every rank resumes from the same checkpoint.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m nightly_train.launch \\
-        --config runs/<interval>/nightly.json --start 2026-11-24T02:00Z --end 2026-11-25T02:00Z --run-id <mlflow run>
+        --config nightly.json --window-start 2026-11-24T02:00Z --window-end 2026-11-25T02:00Z --run-id <mlflow run>
 
 (`pipeline.train` launches exactly this when the nightly file's `train.processes` is above 1.)
 """

@@ -215,13 +215,14 @@ def greedy_generate_fn(model, tokenizer, max_tokens: int, batch_size: int = 8) -
     return generate
 
 
-def student_with_adapter(student_dir: Path, adapter_dir: Path | None):
-    """The student base with `adapter_dir` merged in (or the bare base), ready for evaluation."""
+def student_with_adapter(student_dir: Path, adapter_dir: Path | None, device: str = "auto"):
+    """The student base with `adapter_dir` merged in (or the bare base), ready for evaluation, on the GPU when
+    there is one (bf16) and the device is 'auto'."""
     from peft import PeftModel
 
-    from model_runtime.models import load_model
+    from model_runtime.models import load_model, pick_device
 
-    base = load_model(student_dir)
+    base = load_model(student_dir, pick_device(device))
     if adapter_dir is None:
         return base
     # Evaluation only reads the model: fold the LoRA update into this fresh copy of the base so generation

@@ -178,39 +178,63 @@ def provenance(night: Night, champion_version: str | None):
 
 
 def train(night: Night) -> Trained:
-    """Train the interval's candidate from the manifest's champion; reuse a finished run of the same interval."""
-    from nightly_train.data import build_examples, rollout_prompts
-    from nightly_train.train import Distiller
+    """Train the interval's candidate from the manifest's champion; reuse a finished run of the same interval.
 
+    One process by default; `train.processes` > 1 runs the same `fit` under torchrun (`nightly_train.distributed`),
+    one rank per GPU (gloo on the CPU). Either way this task logs the adapter and finishes the MLflow run."""
     cfg, layout = night.cfg, night.layout
-    manifest, train_ids, _ = frozen_manifest(night)
+    manifest = frozen_manifest(night)[0]
     done = _finished_run(night)
     if done is not None:
         log.info("interval %s already trained in run %s: reusing it", night.key, done.info.run_id)
         return Trained(interval_key=night.key, run_id=done.info.run_id, reused=True,
                        steps=int(done.data.params.get("total_steps", 0)), champion_version=manifest.champion_version)
-    champ_dir = champion_adapter(night, manifest.champion_version)
+    champion_adapter(night, manifest.champion_version)  # downloaded once here, not by every rank
+    run_id = _open_run(night, manifest.champion_version)
+    if cfg.train.processes > 1:
+        _fit_under_torchrun(night, run_id, cfg.train.processes)
+    else:
+        fit(night, run_id)
+    client = night.mlflow()
+    client.log_artifacts(run_id, str(layout.adapter_dir), "adapter")
+    client.log_artifact(run_id, str(layout.history_file))
+    client.set_terminated(run_id, "FINISHED")
+    steps = int(client.get_run(run_id).data.params.get("total_steps", 0))
+    return Trained(interval_key=night.key, run_id=run_id, steps=steps, champion_version=manifest.champion_version)
+
+
+def fit(night: Night, run_id: str) -> None:
+    """The night's examples and rollout prompts, then the distillation loop. Under torchrun every rank runs this;
+    only the main rank logs to MLflow and writes the history (the trainer writes the adapter on it alone)."""
+    from nightly_train.data import build_examples, rollout_prompts
+    from nightly_train.train import Distiller
+
+    cfg, layout = night.cfg, night.layout
+    manifest, train_ids, _ = frozen_manifest(night)
     tcfg = TrainConfig.for_run(cfg.train, student_dir=cfg.student_dir, teacher_id=cfg.teacher_id,
-                               teacher_dir=cfg.teacher_dir, init_adapter=champ_dir, output_dir=layout.train_dir)
+                               teacher_dir=cfg.teacher_dir, output_dir=layout.train_dir,
+                               init_adapter=champion_adapter(night, manifest.champion_version))
     prov = provenance(night, manifest.champion_version)
     trajectories = night.store.load_scored(train_ids[-tcfg.max_trajectories:], cfg.teacher_id)
     examples, report = build_examples(trajectories, tcfg, prov)
     prompts = rollout_prompts(trajectories, prov)
-    run_id = _open_run(night, manifest.champion_version)
-    client = night.mlflow()
     distiller = Distiller(tcfg, examples, prompts)
-    log.info("interval %s: %d trajectories -> %s; policies %s; %d rollout prompts; %d steps", night.key,
-             len(trajectories), dict(report.trajectories), dict(report.policies), len(prompts), distiller.total_steps)
-    params = {k: str(v) for k, v in tcfg.model_dump().items()}
-    params.update({"total_steps": str(distiller.total_steps), "n_train_trajectories": str(len(trajectories)),
-                   "n_rollout_prompts": str(len(prompts))})
-    for k, v in params.items():
-        try:
-            client.log_param(run_id, k, v[:6000])
-        except Exception:  # a param already logged by a killed attempt (same value): keep going
-            pass
-    for k, v in report.as_metrics().items():
-        client.log_metric(run_id, k, v)
+    main = distiller.ranks.is_main
+    client = night.mlflow()
+    log.info("interval %s: %d trajectories -> %s; policies %s; %d rollout prompts; %d steps on %d process(es)",
+             night.key, len(trajectories), dict(report.trajectories), dict(report.policies), len(prompts),
+             distiller.total_steps, distiller.ranks.world)
+    if main:
+        params = {k: str(v) for k, v in tcfg.model_dump().items()}
+        params.update({"total_steps": str(distiller.total_steps), "n_train_trajectories": str(len(trajectories)),
+                       "n_rollout_prompts": str(len(prompts))})
+        for k, v in params.items():
+            try:
+                client.log_param(run_id, k, v[:6000])
+            except Exception:  # a param already logged by a killed attempt (same value): keep going
+                pass
+        for k, v in report.as_metrics().items():
+            client.log_metric(run_id, k, v)
 
     def log_metrics(step: int, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
@@ -218,13 +242,33 @@ def train(night: Night) -> Trained:
                 client.log_metric(run_id, f"train.{name}", value, step=step)
 
     result = distiller.run(log_metrics)
-    for rule, n in result.tokens_by_rule().items():
-        client.log_metric(run_id, f"train.tokens_total.{rule}", n)
-    client.log_artifacts(run_id, str(result.adapter_dir), "adapter")
-    layout.history_file.write_text(json.dumps(result.history))
-    client.log_artifact(run_id, str(layout.history_file))
-    client.set_terminated(run_id, "FINISHED")
-    return Trained(interval_key=night.key, run_id=run_id, steps=result.steps, champion_version=manifest.champion_version)
+    if main:
+        for rule, n in result.tokens_by_rule().items():
+            client.log_metric(run_id, f"train.tokens_total.{rule}", n)
+        layout.history_file.write_text(json.dumps(result.history))
+
+
+def _fit_under_torchrun(night: Night, run_id: str, processes: int) -> None:
+    """`fit` on `processes` ranks (torchrun, one host). The night's config travels as a private temporary file: it
+    holds the store URL, a secret."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from foundation.errors import ShadowDistillError
+
+    with tempfile.TemporaryDirectory(prefix="nightly-train-") as tmp:
+        cfg_path = Path(tmp) / "nightly.json"
+        cfg_path.touch(mode=0o600)
+        cfg_path.write_text(night.cfg.model_dump_json())
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "nightly_train.launch", "--config", str(cfg_path), "--window-start", night.start.isoformat(),
+               "--window-end", night.end.isoformat(), "--run-id", run_id]  # no prefix of a torchrun option
+        log.info("training interval %s on %d processes: %s", night.key, processes, " ".join(cmd[:6]))
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise ShadowDistillError(f"distributed training of {night.key} failed (exit {proc.returncode}):\n{tail}")
 
 
 # ---- evaluate, gate, review -------------------------------------------------------------------------------------
@@ -235,7 +279,7 @@ def evaluate(night: Night, trained: Trained) -> Evaluation:
     and are scored against one set of teacher samples (forward KL), so the gate compares them prompt by prompt.
     IFEval results are cached by model identity (base id + weights digests): yesterday's candidate, tonight's
     champion, is scored once."""
-    from model_runtime.models import ModelMeta, load_model, load_tokenizer
+    from model_runtime.models import ModelMeta, load_model, load_tokenizer, pick_device
     from nightly_train import ifeval
     from nightly_train.evaluate import (evaluate_distillation, greedy_generate_fn, student_with_adapter,
                                         teacher_reference)
@@ -253,7 +297,7 @@ def evaluate(night: Night, trained: Trained) -> Evaluation:
         raise GateError(f"interval {night.key} has {len(prompts)} held-out prompts; the KL gate needs at least 2")
     champ_version = manifest.champion_version
     tok = load_tokenizer(cfg.student_dir)
-    teacher = load_model(cfg.teacher_dir)
+    teacher = load_model(cfg.teacher_dir, pick_device(cfg.train.device))
     reference = teacher_reference(teacher, tok, prompts, samples_per_prompt=ev.kl_samples_per_prompt,
                                   max_tokens=ev.kl_max_tokens, seed=ev.seed, temperature=cfg.train.teacher_temperature)
     if_prompts = ifeval.load_prompts(ev.ifeval_path, subset=ev.ifeval_subset, seed=ev.ifeval_seed)
@@ -262,7 +306,7 @@ def evaluate(night: Night, trained: Trained) -> Evaluation:
     sides = {}
     for side, adapter, version in (("champion", champion_adapter(night, champ_version), champ_version),
                                    ("candidate", layout.adapter_dir, None)):
-        model = student_with_adapter(cfg.student_dir, adapter)
+        model = student_with_adapter(cfg.student_dir, adapter, cfg.train.device)
         identity = model_identity(cfg.student_dir, adapter)
         if_res = cache.get_or_evaluate(identity, if_prompts, greedy_generate_fn(model, tok, ev.ifeval_max_tokens),
                                        decoding)

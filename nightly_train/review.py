@@ -325,7 +325,7 @@ def build_review(student_dir: Path, teacher_dir: Path, layout: RunLayout, evalua
                  outcome: GateOutcome, heldout: Sequence[ScoredTrajectory], *, champion_dir: Path | None,
                  max_tokens: int = 64) -> Path:
     """Write `layout.review_dir` for a night: the held-out trajectories scored by champion, candidate, teacher."""
-    from model_runtime.models import load_model, load_tokenizer
+    from model_runtime.models import load_model, load_tokenizer, pick_device
     from nightly_train.evaluate import student_with_adapter
 
     history = json.loads(layout.history_file.read_text()) if layout.history_file.exists() else []
@@ -333,7 +333,8 @@ def build_review(student_dir: Path, teacher_dir: Path, layout: RunLayout, evalua
     tok = load_tokenizer(student_dir)
     with torch.no_grad():
         cases = score_cases(student_with_adapter(student_dir, champion_dir),
-                            student_with_adapter(student_dir, layout.adapter_dir), load_model(teacher_dir), tok, rows)
+                            student_with_adapter(student_dir, layout.adapter_dir),
+                            load_model(teacher_dir, pick_device("auto")), tok, rows)
     champ_version = evaluation.champion.version
     before = f"champion v{champ_version}" if champ_version else "student base"
     page = ReviewPage(f"Nightly candidate {layout.interval_key}", evaluation.run_id, evaluation.model_dump(),

@@ -125,3 +125,43 @@ def test_a_killed_two_rank_run_resumes_from_its_checkpoint_to_the_same_adapter(c
     assert rerun.returncode == 0, output[-3000:]
     assert history[0]["step"] > 2  # resumed after the checkpoint, not from scratch
     assert _max_difference(_tensors(out), single) < TOLERANCE
+
+
+def test_the_nights_train_task_runs_fit_under_torchrun_with_the_configured_processes(tiny_models, tmp_path):
+    """`train.processes: 2`: pipeline.train launches torchrun, rank 0 logs the run, the task finishes it."""
+    from datetime import UTC, datetime, timedelta
+
+    from mlflow import MlflowClient
+
+    from feature_store import FeatureStore
+    from model_runtime.tokenizers import folder_fingerprint
+    from nightly_train import pipeline
+    from nightly_train.config import NightlyConfig
+    from tests.support.trajectories import T1, TEXTS, sample_trajectories
+
+    teacher_dir, student_dir = tiny_models
+    end = datetime.now(UTC) - timedelta(minutes=1)
+    window = (end - timedelta(hours=1), end)
+    cfg = NightlyConfig.parse({
+        "store_url": f"sqlite:///{tmp_path / 'store.db'}", "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'ml.db'}",
+        "student_dir": str(student_dir), "teacher_dir": str(teacher_dir), "teacher_id": "tiny-teacher",
+        "runs_dir": str(tmp_path / "runs"), "min_heldout": 3,
+        "train": {"processes": 2, "max_steps": 3, "batch_size": 4, "learning_rate": 5e-3, "lora": {"rank": 4, "alpha": 8},
+                  "rollouts": {"enabled": True, "per_step": 2, "max_tokens": 6}}})
+    trajs = sample_trajectories(student_dir, TEXTS, [T1], window, seed=4)
+    teacher = load_model(teacher_dir)
+    pad = load_tokenizer(student_dir).pad_token_id
+    scores = completion_logprobs(teacher, [t.prompt_token_ids for t in trajs], [t.completion_token_ids for t in trajs],
+                                 pad, topk=8)
+    store = FeatureStore.open(cfg.store_url)
+    store.ingest_scored([(t, TeacherScores(s.logprobs_C.numpy(), s.topk_ids_CK.numpy(), s.topk_logprobs_CK.numpy()))
+                         for t, s in zip(trajs, scores)], cfg.teacher_id,
+                        tokenizer_fingerprint=folder_fingerprint(teacher_dir), teacher_temperature=1.0)
+    night = pipeline.Night(cfg, *window)
+    pipeline.snapshot(night)
+    trained = pipeline.train(night)
+    run = MlflowClient(cfg.mlflow_tracking_uri).get_run(trained.run_id)
+    assert trained.steps == 3
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["train.tokens_total.rollout"] > 0
+    assert (night.layout.adapter_dir / "adapter_model.safetensors").exists()

@@ -39,6 +39,8 @@ PARSE = textwrap.dedent("""
         "edges": sorted([t.task_id, d] for t in dag.tasks for d in t.downstream_task_ids),
         "tasks": sorted(t.task_id for t in dag.tasks),
         "retries": {t.task_id: t.retries for t in dag.tasks},
+        "gpus": {t.task_id: (t.executor_config or {}).get("pod_override").spec.containers[0].resources.limits[
+            "nvidia.com/gpu"] for t in dag.tasks if (t.executor_config or {}).get("pod_override")},
         "retry_delay_s": {t.task_id: t.retry_delay.total_seconds() for t in dag.tasks},
         "timetable": type(tt).__name__,
         "is_cron_interval": isinstance(tt, CronDataIntervalTimetable),
@@ -61,7 +63,8 @@ IMPORT_ONLY = textwrap.dedent("""
 def _run(code: str, args: list[str], tmp_path: Path, **env: str) -> str:
     env_all = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS), "PYTHONPATH": str(REPO), **env}
-    for name in ("SHADOW_DISTILL_SCHEDULE", "SHADOW_DISTILL_RETRIES", "SHADOW_DISTILL_RETRY_DELAY_S"):
+    for name in ("SHADOW_DISTILL_SCHEDULE", "SHADOW_DISTILL_RETRIES", "SHADOW_DISTILL_RETRY_DELAY_S",
+                 "SHADOW_DISTILL_TRAIN_GPUS"):
         if name not in env:
             env_all.pop(name, None)
     proc = subprocess.run([sys.executable, "-c", code, *args], env=env_all, cwd=REPO, capture_output=True,
@@ -108,3 +111,12 @@ def test_schedule_and_retries_follow_the_environment(tmp_path):
 def test_importing_the_dag_file_imports_no_heavy_library(tmp_path):
     loaded = json.loads(_run(IMPORT_ONLY, [str(DAGS / f"{DAG_ID}.py"), ",".join(HEAVY)], tmp_path))
     assert loaded == [], f"parsing the DAG imported {loaded}: keep heavy imports inside the tasks"
+
+
+def test_by_default_no_task_pod_asks_for_a_gpu(parsed):
+    assert parsed["gpus"] == {}
+
+
+def test_only_train_and_evaluate_pods_ask_for_gpus_under_the_kubernetes_executor(tmp_path):
+    out = json.loads(_run(PARSE, [str(DAGS), DAG_ID], tmp_path, SHADOW_DISTILL_TRAIN_GPUS="4"))
+    assert out["gpus"] == {"train": "4", "evaluate": "1"}

@@ -721,9 +721,10 @@ def test_the_cpu_dev_airflow_values_run_the_cpu_dev_image():
     assert values["images"]["airflow"]["tag"] == image["newTag"]
 
 
-def test_the_cpu_dev_airflow_task_pods_drop_the_gpu():
+def test_the_cpu_dev_airflow_tasks_ask_for_no_gpu():
     values = yaml.safe_load((K8S / "airflow/values-cpu-dev.yaml").read_text())
-    assert values["workers"]["resources"]["limits"]["nvidia.com/gpu"] is None
+    env = {e["name"]: e.get("value") for e in yaml.safe_load(values["extraEnv"])}
+    assert env["SHADOW_DISTILL_TRAIN_GPUS"] == "0"
 
 
 def test_airflow_reads_the_dags_baked_into_the_image(airflow_values):
@@ -746,8 +747,13 @@ def test_airflow_task_pods_log_in_to_mlflow_as_the_pipeline(airflow_values):
     assert keys == {"MLFLOW_TRACKING_USERNAME": "pipeline-username", "MLFLOW_TRACKING_PASSWORD": "pipeline-password"}
 
 
-def test_airflow_task_pods_get_a_gpu(airflow_values):
-    assert airflow_values["workers"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+def test_airflow_task_pods_take_no_gpu_by_default(airflow_values):
+    assert "nvidia.com/gpu" not in airflow_values["workers"]["resources"]["limits"]
+
+
+def test_the_train_task_gets_its_gpus_from_the_dags_pod_override(airflow_values):
+    env = {e["name"]: e.get("value") for e in yaml.safe_load(airflow_values["extraEnv"])}
+    assert env["SHADOW_DISTILL_TRAIN_GPUS"] == "1"
 
 
 def test_airflow_uses_the_external_postgresql(airflow_values):
