@@ -24,9 +24,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 
+RUN_TAG = "shadow_distill.interval_key"  # the MLflow tag naming a nightly run's interval
+
+
 def interval_key(start: datetime, end: datetime) -> str:
     """The night's identity everywhere (manifest, MLflow tag, registry tag, folder): `<start>-<end>` in UTC."""
     return f"{start.astimezone(UTC):%Y%m%dT%H%M%SZ}-{end.astimezone(UTC):%Y%m%dT%H%M%SZ}"
+
+
+def interval_end(key: str) -> datetime:
+    """The end of the window an `interval_key` names (ValueError for a key of another shape)."""
+    return datetime.strptime(key.split("-", 1)[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
 
 
 def trained_adapter_dir(output_dir: Path) -> Path:

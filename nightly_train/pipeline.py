@@ -28,11 +28,10 @@ from typing import Any
 
 from foundation.errors import GateError, StoreError
 from nightly_train.config import NightlyConfig, TrainConfig
-from nightly_train.layout import RunLayout, interval_key
+from nightly_train.layout import RUN_TAG, RunLayout, interval_key
 from nightly_train.results import Evaluation, GateOutcome, Manifest, Registered, SideEvaluation, Trained
 
 log = logging.getLogger(__name__)
-RUN_TAG = "shadow_distill.interval_key"
 
 
 @dataclass(frozen=True)
@@ -393,7 +392,13 @@ def notify(cfg: NightlyConfig, summary: dict[str, Any]) -> None:
 
 
 def purge(night: Night) -> int:
-    n = night.store.purge(night.end - timedelta(days=night.cfg.retention_days))
+    """Retention: trajectories older than `retention_days`, and the review pages (they show their texts) of the
+    nights whose window ended before that."""
+    from nightly_train.retention import purge_review_pages
+
+    cutoff = night.end - timedelta(days=night.cfg.retention_days)
+    n = night.store.purge(cutoff)
+    purge_review_pages(night.cfg, older_than=cutoff, reason=f"retention ({night.cfg.retention_days} days)")
     log.info("purged %d trajectories older than %d days", n, night.cfg.retention_days)
     return n
 

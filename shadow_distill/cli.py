@@ -6,6 +6,7 @@
     shadow-distill score run --bootstrap-servers HOST:PORT --store-url URL --teacher DIR
     shadow-distill score backfill --store-url URL --teacher DIR --since 2026-11-01
     shadow-distill store migrate --url URL | store purge --url URL --older-than 30d
+    shadow-distill store forget --url URL --caller-hash H --actor NAME [--config nightly.json]
     shadow-distill nightly run --config nightly.json [--start ISO --end ISO]
     shadow-distill nightly review --config nightly.json --start ISO --end ISO     # rebuild the review page
     shadow-distill promote approve --version N --reviewer NAME   (or: promote --version N --reviewer NAME)
@@ -97,8 +98,35 @@ def cmd_store(args: argparse.Namespace) -> None:
     store = FeatureStore.open(args.url)  # migrates to head
     if args.action == "purge":
         print(json.dumps({"purged": store.purge(_when(args.older_than))}))
+    elif args.action == "forget":
+        print(json.dumps(forget(store, args), indent=1))
     else:
         print(json.dumps({"migrated": args.url.split("@")[-1]}))
+
+
+def forget(store, args: argparse.Namespace) -> dict:
+    """Erase one caller (or end user) everywhere: the store's rows, every frozen manifest, the review pages of the
+    nights that showed them (with --config); serving's POST /v1/admin/forget gives the hash and stops logging."""
+    from dataclasses import asdict
+
+    if bool(args.caller_hash) == bool(args.user_hash):
+        raise ConfigError("store forget needs exactly one of --caller-hash H or --user-hash H (serving's POST "
+                          "/v1/admin/forget answers with it)")
+    if not args.actor:
+        raise ConfigError("store forget needs --actor NAME: who asked for the erasure (it is recorded)")
+    subject, digest = ("caller", args.caller_hash) if args.caller_hash else ("user", args.user_hash)
+    report = asdict(store.forget(subject, digest, actor=args.actor))
+    if args.config:
+        from nightly_train.config import NightlyConfig
+        from nightly_train.retention import purge_review_pages
+
+        cfg = NightlyConfig.from_json_file(args.config)
+        report["review_pages_purged"] = purge_review_pages(cfg, intervals=report["heldout_nights"],
+                                                           reason=f"erasure of a {subject} by {args.actor}")
+    elif report["heldout_nights"]:
+        report["warning"] = "pass --config nightly.json to purge the review pages of " + ", ".join(
+            report["heldout_nights"])
+    return report
 
 
 def _night(args: argparse.Namespace):
@@ -245,10 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(sc, ScoringConfig)
     sc.set_defaults(func=cmd_score)
 
-    st = sub.add_parser("store", help="feature store maintenance")
-    st.add_argument("action", choices=["migrate", "purge"])
+    st = sub.add_parser("store", help="feature store maintenance; forget = erase one caller's data")
+    st.add_argument("action", choices=["migrate", "purge", "forget"])
     st.add_argument("--url", required=True)
     st.add_argument("--older-than", default="30d")
+    st.add_argument("--caller-hash", default=None, help="forget: the caller's hash (serving's /v1/admin/forget)")
+    st.add_argument("--user-hash", default=None, help="forget: one end user's hash instead")
+    st.add_argument("--actor", default=None, help="forget: who asked for the erasure (recorded)")
+    st.add_argument("--config", default=None, help="forget: nightly.json, to purge the nights' review pages too")
     st.set_defaults(func=cmd_store)
 
     n = sub.add_parser("nightly", help="one nightly run without Airflow, or rebuild a night's review page")
