@@ -409,6 +409,12 @@ class Registry:
                 raise
             return self._model_state() or _ModelState({}, {})
 
+    def version_of_interval(self, interval_key: str) -> VersionInfo | None:
+        """The version a night registered (None: it registered none, e.g. its gate failed)."""
+        if not interval_key or not _SAFE_FILTER_VALUE.fullmatch(interval_key):
+            raise RegistryError(f"interval_key {interval_key!r} must be 1-250 characters without quotes")
+        return self._find_by_interval(interval_key)
+
     def _find_by_interval(self, interval_key: str) -> VersionInfo | None:
         found = self._client.search_model_versions(
             f"name = '{self.model_name}' and tags.{TAG_INTERVAL_KEY} = '{interval_key}'")

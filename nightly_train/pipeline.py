@@ -358,9 +358,19 @@ def review(night: Night, evaluation: Evaluation, outcome: GateOutcome, *, n_case
     manifest, _, heldout_ids = frozen_manifest(night)
     heldout = night.store.load_scored(heldout_ids[:n_cases], night.cfg.teacher_id)
     out = build_review(night.cfg.student_dir, night.cfg.teacher_dir, night.layout, evaluation, outcome, heldout,
-                       champion_dir=champion_adapter(night, manifest.champion_version))
+                       champion_dir=champion_adapter(night, manifest.champion_version), live=live_evidence(night))
     night.mlflow().log_artifacts(evaluation.run_id, str(out), "review")
     return out
+
+
+def live_evidence(night: Night):
+    """The live comparison of the night's registered candidate in shadow mode (empty before any shadow traffic)."""
+    from nightly_train.live import compare_live
+
+    version = night.registry().version_of_interval(night.key)
+    if version is None:
+        return []
+    return compare_live(night.store.shadow_pairs(night.cfg.teacher_id, version.version), version.version)
 
 
 # ---- register, notify, purge ------------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ artifact folder and openable from disk:
   distinct-2, greedy answers) from the gate tags and the `Evaluation` that `pipeline.evaluate` returns;
 - training curves (loss, sampled reverse KL, advantage, importance-ratio stats per step) from
   `<runs_dir>/<interval>/train_history.json`;
-- a token heatmap of the teacher's per-token penalty `log p_student(y_t) - log p_teacher(y_t)` on a few
-  held-out logged trajectories, scored by the student *before* (champion, or base on the first night) and
-  *after* training (candidate) on the very same tokens. Darker = larger penalty, one span per token, the
+- the live comparison of the candidate in shadow mode against the champion on the same live requests
+  (`nightly_train.live`), once there is one (rebuild the page after shadow traffic);
+- a token heatmap of the teacher's per-token penalty `log p_model(y_t) - log p_teacher(y_t)` on each model's *own*
+  answer to a few held-out prompts: the model *before* (champion, or base on the first night) and *after* training
+  (candidate) each answer at temperature 1 with the same seed. Darker = larger penalty, one span per token, the
   number in its tooltip: the case study in shared/reference/on-policy-distillation.md, per night.
 
 Pure parts (penalties from logprobs, colours, HTML) are separate from the I/O (`build_review`); the nightly DAG
@@ -52,24 +54,35 @@ _CURVE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 # ---- pure: penalties -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Answer:
+    """One model's own answer to a held-out prompt, and the teacher's judgement of each of its tokens."""
+
+    token_ids: tuple[int, ...]
+    token_texts: tuple[str, ...]
+    own_lp: tuple[float, ...]
+    teacher_lp: tuple[float, ...]
+
+    @property
+    def penalty(self) -> list[float]:
+        return token_penalties(self.own_lp, self.teacher_lp)
+
+
+@dataclass(frozen=True)
 class PenaltyCase:
-    """One held-out trajectory scored by the teacher and by the student before and after training."""
+    """One held-out prompt answered by the model before (champion, or the base) and after training (candidate)."""
 
     trajectory_id: str
     prompt_text: str
-    token_ids: tuple[int, ...]
-    token_texts: tuple[str, ...]
-    teacher_lp: tuple[float, ...]
-    before_lp: tuple[float, ...]
-    after_lp: tuple[float, ...]
+    before: Answer
+    after: Answer
 
     @property
     def before_penalty(self) -> list[float]:
-        return token_penalties(self.before_lp, self.teacher_lp)
+        return self.before.penalty
 
     @property
     def after_penalty(self) -> list[float]:
-        return token_penalties(self.after_lp, self.teacher_lp)
+        return self.after.penalty
 
 
 def token_penalties(student_lp_C: Sequence[float], teacher_lp_C: Sequence[float]) -> list[float]:
@@ -84,17 +97,38 @@ def token_texts(tokenizer, token_ids: Sequence[int]) -> list[str]:
     return [tokenizer.decode([int(i)], skip_special_tokens=False) for i in token_ids]
 
 
-def score_cases(before_model, after_model, teacher, tokenizer, trajectories: Sequence[tuple[str, list[int], list[int]]],
-                ) -> list[PenaltyCase]:
-    """Score (id, prompt_ids, completion_ids) under three models with the shared aligned scorer."""
-    rows = [t for t in trajectories if t[1] and t[2]]
+def _answers(model, teacher, tokenizer, prompts: list[list[int]], *, max_tokens: int, seed: int) -> list[Answer]:
+    """`model`'s own temperature-1 answers (seed + i for prompt i) and the teacher's logprobs of their tokens."""
+    from model_runtime.models import eos_token_ids
+    from model_runtime.sampling import DecodeParams, sample
+
+    params = [DecodeParams(max_tokens=max_tokens, temperature=1.0, seed=seed + i) for i in range(len(prompts))]
+    results = sample(model, prompts, params, eos_ids=eos_token_ids(tokenizer, model), pad_id=tokenizer.pad_token_id)
+    out = [Answer((), (), (), ())] * len(prompts)
+    kept = [i for i, r in enumerate(results) if r.completion_ids]
+    if kept:
+        scored = completion_logprobs(teacher, [prompts[i] for i in kept], [results[i].completion_ids for i in kept],
+                                     tokenizer.pad_token_id)
+        for i, t in zip(kept, scored, strict=True):
+            ids = results[i].completion_ids
+            out[i] = Answer(tuple(ids), tuple(token_texts(tokenizer, ids)), tuple(results[i].sampled_logprobs),
+                            tuple(t.logprobs_C.tolist()))
+    return out
+
+
+def answer_cases(before_model, after_model, teacher, tokenizer, prompts: Sequence[tuple[str, list[int]]], *,
+                 max_tokens: int = 64, seed: int = 0) -> list[PenaltyCase]:
+    """Each model answers every (id, prompt ids) itself at temperature 1, with the same seed for both (as the
+    held-out meter samples), and the teacher scores every token: what each model writes, not a replay of old
+    logged tokens under a model that never wrote them."""
+    rows = [(tid, list(p)) for tid, p in prompts if p]
     if not rows:
         return []
-    prompts, completions, pad = [r[1] for r in rows], [r[2] for r in rows], tokenizer.pad_token_id
-    lps = [completion_logprobs(m, prompts, completions, pad) for m in (teacher, before_model, after_model)]
-    return [PenaltyCase(tid, tokenizer.decode(p, skip_special_tokens=True), tuple(c), tuple(token_texts(tokenizer, c)),
-                        *(tuple(lp[b].logprobs_C.tolist()) for lp in lps))
-            for b, (tid, p, c) in enumerate(rows)]
+    ids = [p for _, p in rows]
+    before = _answers(before_model, teacher, tokenizer, ids, max_tokens=max_tokens, seed=seed)
+    after = _answers(after_model, teacher, tokenizer, ids, max_tokens=max_tokens, seed=seed)
+    return [PenaltyCase(tid, tokenizer.decode(p, skip_special_tokens=True), b, a)
+            for (tid, p), b, a in zip(rows, before, after, strict=True)]
 
 
 def penalty_scale(cases: Sequence[PenaltyCase]) -> float:
@@ -139,12 +173,12 @@ def _legend(vmax: float) -> str:
 
 def render_case(case: PenaltyCase, vmax: float, before_label: str, after_label: str) -> str:
     rows = []
-    sides = ((f"before: {before_label}", case.before_penalty), (f"after: {after_label}", case.after_penalty))
-    for label, pens in sides:
+    for label, answer in ((f"before: {before_label}", case.before), (f"after: {after_label}", case.after)):
+        pens = answer.penalty
         mean = sum(pens) / len(pens) if pens else float("nan")
+        tokens = render_tokens(answer.token_texts, pens, vmax) if pens else '<span class="muted">(empty answer)</span>'
         rows.append(f'<div class="side"><div class="label">{_e(label)} <span class="muted">mean {mean:.3f} '
-                    f'nats/token</span></div><div class="tokens">{render_tokens(case.token_texts, pens, vmax)}</div>'
-                    f'</div>')
+                    f'nats/token over its own {len(pens)} tokens</span></div><div class="tokens">{tokens}</div></div>')
     return (f'<div class="case"><div class="muted">trajectory {_e(case.trajectory_id)}</div>'
             f'<div class="prompt">{_e(case.prompt_text[-400:])}</div>{"".join(rows)}</div>')
 
@@ -263,6 +297,7 @@ class ReviewPage:
     before_label: str
     after_label: str
     curves_png: bytes | None = None
+    live: Sequence[Any] = ()  # nightly_train.live.LiveComparison: the candidate in shadow on live traffic
 
 
 def render_report(page: ReviewPage) -> str:
@@ -275,10 +310,27 @@ def render_report(page: ReviewPage) -> str:
             f'<style>{_CSS}</style></head><body><h1>{_e(page.title)}<span class="badge {"pass" if passed else "fail"}'
             f'">gate {"PASSED" if passed else "FAILED"}</span></h1><div class="muted">MLflow run {_e(page.run_id)}'
             f'</div>{render_gate(page.evaluation, page.gate_tags)}<h2>Training</h2>{curves}'
-            f'<h2>Where the teacher penalises the student</h2><p class="muted">Per token: log p_student(y) - '
-            f'log p_teacher(y) on held-out logged tokens, the same tokens before and after training; darker = larger '
-            f'penalty, hover a token for its value.</p>{_legend(vmax)}'
+            f'{render_live(page.live)}'
+            f'<h2>Where the teacher penalises the student</h2><p class="muted">Per token: log p_model(y) - '
+            f'log p_teacher(y) on each model\'s own answer to a held-out prompt (temperature 1, the same seed for '
+            f'both); darker = larger penalty, hover a token for its value.</p>{_legend(vmax)}'
             f'{cases or "<p class=muted>no held-out trajectories</p>"}</body></html>')
+
+
+def render_live(comparisons: Sequence[Any]) -> str:
+    """The candidate in shadow mode against the champion on the same live requests (`nightly_train.live`)."""
+    if not comparisons:
+        return ('<h2>Live traffic (shadow mode)</h2><p class="muted">no live pairs yet: put the candidate in shadow '
+                '(POST /v1/shadow) and rebuild this page (shadow-distill nightly review) once its answers are '
+                'scored</p>')
+    rows = "".join(
+        f'<tr><td>{_e(c.label)}</td><td>{c.n_pairs}</td><td>{c.champion_mean:.4g}</td><td>{c.candidate_mean:.4g}</td>'
+        f'<td class="{"better" if c.candidate_better else ("worse" if c.ci_low > 0 else "")}">{c.difference:+.4g} '
+        f'({c.confidence:.0%} CI {c.ci_low:+.3g} .. {c.ci_high:+.3g})</td></tr>' for c in comparisons)
+    return ('<h2>Live traffic (shadow mode)</h2><p class="muted">Each model\'s own answers to the same live requests '
+            '(same sampling parameters and seeds), per token log p_model(y) - log p_teacher(y); difference = '
+            'candidate - champion, negative = closer to the teacher, paired by request.</p><table><tr><th>metric'
+            '</th><th>pairs</th><th>champion</th><th>candidate</th><th>difference</th></tr>' + rows + '</table>')
 
 
 # ---- I/O -------------------------------------------------------------------------------------------------
@@ -323,20 +375,21 @@ def write_review(out_dir: Path, page: ReviewPage, history: Sequence[Mapping[str,
 
 def build_review(student_dir: Path, teacher_dir: Path, layout: RunLayout, evaluation: Evaluation,
                  outcome: GateOutcome, heldout: Sequence[ScoredTrajectory], *, champion_dir: Path | None,
-                 max_tokens: int = 64) -> Path:
-    """Write `layout.review_dir` for a night: the held-out trajectories scored by champion, candidate, teacher."""
+                 max_tokens: int = 64, live: Sequence[Any] = ()) -> Path:
+    """Write `layout.review_dir` for a night: champion and candidate answering the held-out prompts themselves,
+    the teacher judging each token, and the live shadow comparison when there is one."""
     from model_runtime.models import load_model, load_tokenizer, pick_device
     from nightly_train.evaluate import student_with_adapter
 
     history = json.loads(layout.history_file.read_text()) if layout.history_file.exists() else []
-    rows = [(t.trajectory_id, t.prompt_ids, t.completion_ids[:max_tokens]) for t in heldout]
+    prompts = list({tuple(t.prompt_ids): (t.trajectory_id, t.prompt_ids) for t in heldout}.values())
     tok = load_tokenizer(student_dir)
     with torch.no_grad():
-        cases = score_cases(student_with_adapter(student_dir, champion_dir),
-                            student_with_adapter(student_dir, layout.adapter_dir),
-                            load_model(teacher_dir, pick_device("auto")), tok, rows)
+        cases = answer_cases(student_with_adapter(student_dir, champion_dir),
+                             student_with_adapter(student_dir, layout.adapter_dir),
+                             load_model(teacher_dir, pick_device("auto")), tok, prompts, max_tokens=max_tokens)
     champ_version = evaluation.champion.version
     before = f"champion v{champ_version}" if champ_version else "student base"
     page = ReviewPage(f"Nightly candidate {layout.interval_key}", evaluation.run_id, evaluation.model_dump(),
-                      outcome.tags, cases, before, "candidate")
+                      outcome.tags, cases, before, "candidate", live=live)
     return write_review(layout.review_dir, page, history)

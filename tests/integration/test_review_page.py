@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from model_runtime.chat import user_prompt_ids
-from model_runtime.models import eos_token_ids, load_model, load_tokenizer
-from model_runtime.sampling import DecodeParams, sample
+from model_runtime.models import load_model, load_tokenizer
 from nightly_train.gate import GateInputs, GatePolicy, HeldoutPerPrompt, evaluate_gate
-from nightly_train.review import REPORT_FILE, ReviewPage, score_cases, write_review
+from nightly_train.live import LiveComparison
+from nightly_train.review import REPORT_FILE, ReviewPage, answer_cases, write_review
 from tests.support.serving import make_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -43,11 +43,9 @@ def report(tiny_models, tmp_path_factory) -> Path:
                                                                                scale=0.3)).eval()
     prompts = [user_prompt_ids(tok, t) for t in ("Write a poem about the sea.", "List two colors <b>& one</b> animal.",
                                                  "Explain a neural network in lowercase.")]
-    params = [DecodeParams(max_tokens=40, temperature=1.0, seed=i) for i in range(len(prompts))]
     with torch.no_grad():
-        samples = sample(base, prompts, params, eos_ids=eos_token_ids(tok, base), pad_id=tok.pad_token_id)
-    rows = [(f"traj-{i}", p, s.completion_ids) for i, (p, s) in enumerate(zip(prompts, samples))]
-    cases = score_cases(base, candidate, teacher, tok, rows)
+        cases = answer_cases(base, candidate, teacher, tok, [(f"traj-{i}", p) for i, p in enumerate(prompts)],
+                             max_tokens=40)
     champ = HeldoutPerPrompt((1.4, 1.3, 1.5, 1.2, 1.45, 1.35), (2.8,) * 6, (0.7,) * 6, "h", 4)
     cand = HeldoutPerPrompt((0.9, 0.95, 0.85, 1.0, 0.8, 0.97), (1.9,) * 6, (0.72,) * 6, "h", 4)
     tags = evaluate_gate(GatePolicy(min_prompts=2, ifeval_margin=0.5), GateInputs(
@@ -57,8 +55,10 @@ def report(tiny_models, tmp_path_factory) -> Path:
     history = [{"step": s, "loss": 0.8 / s + 0.05, "sampled_reverse_kl": 1.4 / s ** 0.5, "advantage_mean": -0.5 / s,
                 "ratio_mean": 1.0 + 0.02 / s, "ratio_max": 1.3 - 0.02 * s, "clipped_fraction": 0.1 / s}
                for s in range(1, 13)]
+    live = [LiveComparison("2", "t1", 48, 1.21, 0.93, -0.28, -0.37, -0.19, 0.95),
+            LiveComparison("2", "greedy", 112, 0.64, 0.55, -0.09, -0.14, -0.04, 0.95)]
     page = ReviewPage("Nightly candidate 20261124T020000Z-20261125T020000Z", "0123abcd", evaluation, tags, cases,
-                      "student base", "candidate")
+                      "student base", "candidate", live=live)
     return write_review(tmp / "review", page, history) / REPORT_FILE
 
 
@@ -86,3 +86,10 @@ def test_chromium_renders_the_page_with_a_heatmap(report, tmp_path):
     assert near_dark > 200  # at least a few darkest-penalty token boxes are on screen
     white = sum(1 for p in pixels if p == (255, 255, 255) or p == (250, 250, 250))
     assert white < 0.9 * len(pixels)
+
+
+def test_the_page_carries_the_live_comparison_and_each_models_own_answers(report):
+    text = report.read_text()
+    assert "Live traffic (shadow mode)" in text
+    assert "greedy teacher penalty" in text
+    assert "each model&#x27;s own answer" in text or "each model's own answer" in text

@@ -20,7 +20,7 @@ from nightly_train.review import (
     plot_training_curves,
     render_report,
     render_tokens,
-    score_cases,
+    answer_cases,
     token_penalties,
     token_texts,
     write_review,
@@ -56,12 +56,14 @@ def models(tiny_models):
     return load_model(teacher_dir), load_model(student_dir), load_tokenizer(student_dir)
 
 
+PROMPTS = ("Write a poem about the sea.", "Answer in JSON <b>&amp;</b> format.")
+
+
 @pytest.fixture(scope="module")
 def cases(models):
     teacher, student, tok = models
-    ids = [tok.encode(t) for t in ("Write a poem about the sea.", "Answer in JSON <b>&amp;</b> format.")]
-    rows = [("t-1", ids[0], ids[1][:6]), ("t-2", ids[1], ids[0][:9])]
-    return score_cases(student, teacher, teacher, tok, rows)
+    rows = [(f"t-{i}", tok.encode(t)) for i, t in enumerate(PROMPTS, start=1)]
+    return answer_cases(student, teacher, teacher, tok, rows, max_tokens=9)
 
 
 def test_token_penalty_is_student_minus_teacher_logprob():
@@ -70,18 +72,29 @@ def test_token_penalty_is_student_minus_teacher_logprob():
         token_penalties([-1.0], [-1.0, -2.0])
 
 
-def test_cases_match_the_shared_scorer_and_vanish_when_after_is_the_teacher(cases, models):
+def test_each_model_is_judged_on_its_own_answer_scored_by_the_shared_scorer(cases, models):
     teacher, student, tok = models
     case = cases[1]
-    want_C = (completion_logprobs(student, [tok.encode("Answer in JSON <b>&amp;</b> format.")], [list(case.token_ids)],
-                                  tok.pad_token_id)[0].logprobs_C
-              - completion_logprobs(teacher, [tok.encode("Answer in JSON <b>&amp;</b> format.")],
-                                    [list(case.token_ids)], tok.pad_token_id)[0].logprobs_C)
-    assert torch.allclose(torch.tensor(case.before_penalty), want_C, atol=1e-5)
+    prompt = [tok.encode(PROMPTS[1])]
+    own_C = completion_logprobs(student, prompt, [list(case.before.token_ids)], tok.pad_token_id)[0].logprobs_C
+    teacher_C = completion_logprobs(teacher, prompt, [list(case.before.token_ids)], tok.pad_token_id)[0].logprobs_C
+    assert torch.allclose(torch.tensor(case.before_penalty), own_C - teacher_C, atol=1e-5)
     assert max(abs(p) for p in case.before_penalty) > 1e-3  # the student with a layer dropped differs
-    assert all(abs(p) < 1e-5 for c in cases for p in c.after_penalty)  # "after" = teacher: no penalty
-    assert [len(c.token_texts) for c in cases] == [6, 9]
-    assert "".join(token_texts(tok, case.token_ids)) == tok.decode(list(case.token_ids))
+
+
+def test_the_after_model_writes_its_own_answer_not_the_befores(cases):
+    assert [c.after.token_ids for c in cases] != [c.before.token_ids for c in cases]
+
+
+def test_an_after_model_that_is_the_teacher_has_no_penalty_on_its_own_answer(cases):
+    assert [p for c in cases for p in c.after_penalty if abs(p) >= 1e-5] == []  # "after" = the teacher
+
+
+def test_answers_keep_their_own_token_texts(cases, models):
+    _, _, tok = models
+    case = cases[0]
+    assert len(case.before.token_texts) == len(case.before.token_ids)
+    assert "".join(token_texts(tok, case.before.token_ids)) == tok.decode(list(case.before.token_ids))
 
 
 def test_colour_darkens_monotonically_with_penalty_and_saturates():
@@ -116,8 +129,8 @@ def test_report_has_both_sides_gate_table_and_escaped_answers(cases):
     assert "Nightly &lt;candidate&gt;" in out
     assert "<script>" not in out
     assert html.escape(NASTY) in out
-    n_tokens = sum(len(c.token_ids) for c in cases)
-    assert out.count('class="tok"') == 2 * n_tokens
+    n_tokens = sum(len(c.before.token_ids) + len(c.after.token_ids) for c in cases)
+    assert out.count('class="tok"') == n_tokens
     assert out.count("before: champion v3") == out.count("after: candidate") == len(cases)
     assert [(n, ok) for n, ok, _ in gate_checks(gate_tags())] == [
         ("ifeval", True), ("kl", True), ("forward_kl", True), ("distinct_2", True), ("finite", True), ("adapter", True)]
@@ -158,3 +171,19 @@ def test_curves_png_and_self_contained_page_are_written(tmp_path, cases):
     assert "data:image/png;base64," in page
     assert 'src="http' not in page
     assert "<link" not in page
+
+
+def test_the_page_shows_the_live_comparison_of_shadow_mode(cases):
+    from nightly_train.live import LiveComparison
+
+    live = [LiveComparison("7", "t1", 40, 0.9, 0.6, -0.3, -0.4, -0.2, 0.95)]
+    page = ReviewPage("Nightly", "run-1", EVALUATION, gate_tags(), cases, "champion v3", "candidate", live=live)
+    out = render_report(page)
+    assert "Live traffic (shadow mode)" in out
+    assert "reverse KL (temperature-1 pairs)" in out
+    assert 'class="better">-0.3' in out
+
+
+def test_without_shadow_traffic_the_page_says_there_is_no_live_pair_yet(cases):
+    page = ReviewPage("Nightly", "run-1", EVALUATION, gate_tags(), cases, "champion v3", "candidate")
+    assert "no live pairs yet" in render_report(page)
