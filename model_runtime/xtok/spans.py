@@ -50,7 +50,6 @@ Rule 2 (analytic KL over the teacher's top-k) needs one vocabulary: cross-tokeni
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -135,16 +134,17 @@ def align_spans(student: TokenOffsets, teacher: TokenOffsets) -> SpanAlignment:
     for side, offsets in (("student", student), ("teacher", teacher)):
         if not offsets.ends or offsets.ends[-1] != n or not offsets.clean[-1]:
             raise AlignmentError(f"the {side} tokens do not end cleanly at the end of the text")
-    cuts = sorted(student.boundaries() & teacher.boundaries())  # the last one is n
+    ends_S, clean_S = np.asarray(student.ends), np.asarray(student.clean)
+    ends_T, clean_T = np.asarray(teacher.ends), np.asarray(teacher.clean)
+    cuts = np.intersect1d(ends_S[clean_S], ends_T[clean_T])  # sorted; the last one is n
 
-    def spans(offsets: TokenOffsets) -> tuple[int, ...]:
-        return tuple(bisect_left(cuts, e) if c else bisect_right(cuts, e)
-                     for e, c in zip(offsets.ends, offsets.clean, strict=True))
+    def spans(ends: np.ndarray, clean: np.ndarray) -> tuple[int, ...]:
+        return tuple(np.where(clean, np.searchsorted(cuts, ends, "left"), np.searchsorted(cuts, ends, "right")).tolist())
 
-    alignment = SpanAlignment(spans(student), spans(teacher), tuple(cuts))
+    alignment = SpanAlignment(spans(ends_S, clean_S), spans(ends_T, clean_T), tuple(cuts.tolist()))
     # Both sides have a clean token ending at every cut, so every span has a token on each side.
     for side, ids in (("student", alignment.student_span), ("teacher", alignment.teacher_span)):
-        if sorted(set(ids)) != list(range(len(cuts))):
+        if np.bincount(ids, minlength=len(cuts)).min() < 1 or ids[-1] != len(cuts) - 1:
             raise AlignmentError(f"internal: the {side} tokens miss a span ({ids} for {len(cuts)} spans)")
     return alignment
 

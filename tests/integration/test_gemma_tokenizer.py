@@ -19,7 +19,7 @@ from model_runtime.gemma import GEMMA_CHAT_TEMPLATE, GEMMA_ID, ensure_gemma, ens
 from model_runtime.logprobs import completion_logprobs
 from model_runtime.models import ModelMeta, ensure_teacher, eos_token_ids, load_model, load_tokenizer
 from model_runtime.sampling import DecodeParams, sample
-from model_runtime.xtok import CrossTokenizer
+from model_runtime.xtok import CrossTokenizer, token_offsets
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -96,6 +96,13 @@ def test_real_spans_cover_every_character(random_views):
 
 def test_real_pieces_spell_the_text_on_both_sides(random_views):
     assert all("".join(v.student.pieces()) == text == "".join(v.teacher.pieces()) for text, _, v, _, _ in random_views)
+
+
+@pytest.mark.parametrize("which", ["smol", "gemma"])
+def test_real_byte_table_offsets_equal_incremental_decoding(which, request):
+    tok = request.getfixturevalue(which)
+    ids = [tok.encode(text, add_special_tokens=False, split_special_tokens=True) for text in random_texts()]
+    assert [token_offsets(tok, x) for x in ids] == [token_offsets(tok, x, incremental=True) for x in ids]
 
 
 # ---- a real SmolLM2 trajectory scored by Gemma 3 270M ---------------------------------------------------------

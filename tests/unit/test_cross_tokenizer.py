@@ -225,6 +225,13 @@ def test_random_teacher_tokens_spell_the_text(random_views):
     assert all("".join(view.teacher.pieces()) == text for text, _, view, _, _ in random_views)
 
 
+@pytest.mark.parametrize("which", ["chatml", "gemma_like"])
+def test_byte_table_offsets_equal_incremental_decoding(which, request):
+    tok = request.getfixturevalue(which)
+    ids = [ids_of(tok, text) for text in random_texts()]
+    assert [token_offsets(tok, x) for x in ids] == [token_offsets(tok, x, incremental=True) for x in ids]
+
+
 def test_random_texts_hit_characters_split_across_tokens(random_views):
     # The property tests above are only worth something if multi-byte characters really were split.
     assert sum(not all(view.student.clean) for _, _, view, _, _ in random_views) > 20
