@@ -409,6 +409,12 @@ class Registry:
                 raise
             return self._model_state() or _ModelState({}, {})
 
+    def set_version_tag(self, version: str | int, key: str, value: str) -> None:
+        """Record evidence on a version (e.g. the live shadow comparison, `live.*`); reserved and secret-looking
+        tags are refused."""
+        check_caller_tags({key: value})
+        self._client.set_model_version_tag(self.model_name, parse_version(version), key, value)
+
     def version_of_interval(self, interval_key: str) -> VersionInfo | None:
         """The version a night registered (None: it registered none, e.g. its gate failed)."""
         if not interval_key or not _SAFE_FILTER_VALUE.fullmatch(interval_key):

@@ -166,6 +166,8 @@ class NightlyConfig(StrictConfig):
         "Held-out prompts kept even when the share rounds lower: the gate's paired tests are over prompts, and "
         "a sign-flip test over n prompts cannot reach p < 2^-n (5 is the least at alpha 0.05; 8 gives it power)."))
     retention_days: int = Field(30, ge=1, description="Trajectories older than this are purged.")
+    min_live_pairs: int = Field(0, ge=0, description=(
+        "`promote approve` refuses a candidate with fewer live shadow pairs (0: no live evidence required)."))
     notify_webhook: str | None = Field(None, description="POSTed a JSON summary after registration.")
     train: TrainSettings = Field(default_factory=TrainSettings, description="Training hyperparameters.")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="How candidate and champion are measured.")

@@ -174,59 +174,34 @@ def _registry(args: argparse.Namespace):
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
+    from shadow_distill import promotion
+
     reg = _registry(args)
     action = args.action or ("approve" if args.version else "status")
+    cfg = _nightly(args)
     if action == "approve":
         if not args.version or not args.reviewer:
             raise ConfigError("promote approve needs --version N and --reviewer NAME")
+        live = promotion.live_evidence(cfg, reg, str(args.version), args.serving_url) if cfg else None
+        minimum = args.min_live_pairs if args.min_live_pairs is not None else (cfg.min_live_pairs if cfg else 0)
+        promotion.require_live_pairs(live, minimum, str(args.version))
+        if live:
+            print(json.dumps({"live": live}, indent=1))
         info = reg.approve(args.version, args.reviewer)
         print(f"version {info.version} is now champion (approved by {args.reviewer})")
     elif action == "rollback":
         info = reg.rollback(args.actor or args.reviewer or os.environ.get("USER", ""))
         print(f"rolled back: version {info.version} is champion again")
     else:
-        print(json.dumps(promote_status(reg), indent=1))
+        print(json.dumps(promotion.promote_status(reg, cfg, args.serving_url), indent=1))
 
 
-def _number(text: str | None) -> float | int | str | None:
-    if text is None:
+def _nightly(args: argparse.Namespace):
+    if not args.config:
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        return text
-    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
+    from nightly_train.config import NightlyConfig
 
-
-def gate_evidence(tags: dict[str, str]) -> dict:
-    """A version's gate evidence from its tags (`nightly_train.gate.GateDecision.to_tags`, copied at registration):
-    per rule its verdict and, for the paired tests, what it had to show, the improvement with its interval, p, n
-    and the minimum detectable effect."""
-    from nightly_train.gate import rules_from_tags
-
-    rules = {}
-    for name, r in rules_from_tags(tags).items():
-        rule: dict = {"passed": r.get("passed") == "true"}
-        if "p_value" in r:
-            rule.update({"must_show": r.get("required"), "margin": _number(r.get("margin")),
-                         "improvement": _number(r.get("effect")),
-                         "ci": [_number(r.get("ci_low")), _number(r.get("ci_high"))], "p_value": _number(r["p_value"]),
-                         "n": _number(r.get("n")), "mde": _number(r.get("mde")), "method": r.get("method")})
-        else:
-            rule["detail"] = r.get("detail")
-        rules[name] = rule
-    return {"reference": tags.get("gate.reference"), "model": tags.get("gate.model.candidate"),
-            "alpha": _number(tags.get("gate.policy.alpha")), "rules": rules}
-
-
-def promote_status(reg) -> dict:
-    """Who is champion, candidate and previous, each with the evidence its gate saw."""
-    out = {}
-    for alias in ("champion", "candidate", "previous"):
-        v = reg.alias(alias)
-        out[alias] = None if v is None else {"version": v.version, "gate.passed": v.tags.get("gate.passed"),
-                                             "approved_by": v.tags.get("approved_by"), "gate": gate_evidence(v.tags)}
-    return out
+    return NightlyConfig.from_json_file(args.config)
 
 
 def cmd_stack(args: argparse.Namespace) -> None:
@@ -295,7 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--version")
     pr.add_argument("--reviewer")
     pr.add_argument("--actor")
-    pr.add_argument("--config", default=None, help="nightly.json (gives tracking URI and model name)")
+    pr.add_argument("--config", default=None, help="nightly.json (tracking URI, model name, and the store the live "
+                                                   "shadow comparison is read from)")
+    pr.add_argument("--serving-url", default=None, help="serving, for the shadow candidate's latency (admin token "
+                                                        "from $SHADOW_DISTILL_ADMIN_TOKEN)")
+    pr.add_argument("--min-live-pairs", type=int, default=None, help="approve: refuse a candidate with fewer live "
+                                                                     "shadow pairs (default: the nightly file's)")
     pr.add_argument("--tracking-uri", default=os.environ.get("SHADOW_DISTILL_MLFLOW_URI"))
     pr.add_argument("--model-name", default=os.environ.get("SHADOW_DISTILL_MODEL_NAME"))
     pr.set_defaults(func=cmd_promote)

@@ -151,3 +151,34 @@ def test_stored_shadow_trajectories_never_enter_a_training_window_and_feed_the_l
     assert len(pairs) == 6
     assert comparison.n_pairs == 6
     assert comparison.kind == "t1"
+
+
+def test_the_live_comparison_appears_in_promote_status_and_approval_can_require_it(server, tmp_path, tiny_models,
+                                                                                 registry, capsys):
+    import json
+
+    from shadow_distill.cli import main as cli
+
+    assert _admin(server, "POST", {"version": "2"}).status_code == 200
+    for seed in range(4):
+        _chat(server, seed=200 + seed, temperature=1.0)
+    _wait_shadow(server, 4)
+    logged = wait_logged(server.sink, lambda t: t.request_id and t.sampling.seed is not None, n=8)
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    teacher = EmbeddedTeacher(tiny_models[0], device="cpu")
+    FeatureStore.open(store_url).ingest_scored(list(zip(logged, teacher.score(logged))), teacher.teacher_id)
+    config = tmp_path / "nightly.json"
+    config.write_text(json.dumps({"store_url": store_url, "mlflow_tracking_uri": registry, "model_name": MODEL,
+                                  "student_dir": str(tiny_models[1]), "teacher_dir": str(tiny_models[0]),
+                                  "teacher_id": teacher.teacher_id, "runs_dir": str(tmp_path / "runs")}))
+    capsys.readouterr()
+    assert cli(["promote", "status", "--config", str(config)]) == 0
+    live = json.loads(capsys.readouterr().out)["candidate"]["live"]
+    refused = cli(["promote", "approve", "--version", "2", "--reviewer", "bob", "--config", str(config),
+                   "--min-live-pairs", "1000"])
+    tags = Registry(registry, MODEL).version("2").tags
+    assert live["pairs"] >= 4
+    assert live["comparisons"][0]["kind"] == "t1"
+    assert tags["live.t1.pairs"] == str(live["pairs"])
+    assert refused == 2
+    assert "1000" in capsys.readouterr().err

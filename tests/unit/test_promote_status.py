@@ -8,7 +8,7 @@ import pytest
 
 from model_registry.registry import VersionInfo
 from nightly_train.gate import GateInputs, GatePolicy, HeldoutPerPrompt, evaluate_gate
-from shadow_distill import cli
+from shadow_distill import cli, promotion
 
 
 def _tags(better_by: float) -> dict[str, str]:
@@ -74,4 +74,5 @@ def test_the_champions_evidence_is_shown_too(status):
 
 def test_a_version_gated_before_the_paired_rules_shows_what_it_has():
     old = {"gate.passed": "true", "gate.kl.passed": "true", "gate.kl.detail": "held-out reverse KL 0.8 vs 1.0"}
-    assert cli.gate_evidence(old)["rules"] == {"kl": {"passed": True, "detail": "held-out reverse KL 0.8 vs 1.0"}}
+    assert promotion.gate_evidence(old)["rules"] == {"kl": {"passed": True,
+                                                            "detail": "held-out reverse KL 0.8 vs 1.0"}}
