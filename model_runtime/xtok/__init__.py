@@ -16,16 +16,18 @@ dead-letters that trajectory, nobody trains on it.
 
     xt = CrossTokenizer(load_tokenizer(student_dir), load_tokenizer(teacher_dir))
     view = xt.view(traj.completion_token_ids, rendered_prompt=traj.prompt_text)
-    lp_U = completion_logprobs(teacher, [view.prompt_ids], [view.completion_ids], pad_id)[0].logprobs_C
-    scores = view.project(lp_U)   # scores.teacher_logprobs_C, scores.span_id_C: one per student token
+    scores = score_views(teacher_model, [view], pad_id)[0]   # or: view.project(teacher logprobs of its tokens)
+    scores.teacher_logprobs_C, scores.span_id_C               # one per student completion token
+    A_BC = span_advantages(span_id_BC, teacher_logprobs_BC, lp_new_BC.detach(), mask_BC)   # the trainer
 """
 
 from model_runtime.xtok.offsets import TokenOffsets, token_offsets
 from model_runtime.xtok.render import (ChatLayout, CrossTokenizer, TeacherView, chat_layout, end_of_turn_id,
-                                       parse_rendered_chat)
+                                       parse_rendered_chat, score_views)
 from model_runtime.xtok.spans import CrossTokenizerScores, SpanAlignment, align_spans, span_advantages
 
 __all__ = [
     "ChatLayout", "CrossTokenizer", "CrossTokenizerScores", "SpanAlignment", "TeacherView", "TokenOffsets",
-    "align_spans", "chat_layout", "end_of_turn_id", "parse_rendered_chat", "span_advantages", "token_offsets",
+    "align_spans", "chat_layout", "end_of_turn_id", "parse_rendered_chat", "score_views", "span_advantages",
+    "token_offsets",
 ]

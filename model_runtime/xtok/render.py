@@ -29,6 +29,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from foundation.errors import AlignmentError, ConfigError
+from model_runtime.models import eos_token_ids
 from model_runtime.xtok.offsets import TokenOffsets, token_offsets
 from model_runtime.xtok.spans import CrossTokenizerScores, SpanAlignment, align_spans
 
@@ -166,7 +167,8 @@ class TeacherView:
 class CrossTokenizer:
     """The student's and the teacher's tokenizers, with what `view` needs from their templates (checked once).
 
-    `student_stop_ids`: student tokens that end a completion (default: its end-of-turn token and EOS)."""
+    `student_stop_ids`: student tokens that end a completion; give serving's set
+    (`models.eos_token_ids(tokenizer, model)`); the default is its end-of-turn token and `eos_token_ids(tokenizer)`."""
 
     def __init__(self, student_tokenizer, teacher_tokenizer, student_stop_ids: Collection[int] | None = None):
         self.student, self.teacher = student_tokenizer, teacher_tokenizer
@@ -174,8 +176,7 @@ class CrossTokenizer:
         self.teacher_end_id = end_of_turn_id(teacher_tokenizer)
         self.teacher_eos_id = teacher_tokenizer.eos_token_id
         if student_stop_ids is None:
-            student_stop_ids = {end_of_turn_id(student_tokenizer)} | {i for i in [student_tokenizer.eos_token_id]
-                                                                      if i is not None}
+            student_stop_ids = {end_of_turn_id(student_tokenizer)} | eos_token_ids(student_tokenizer)
         self.student_stop_ids = frozenset(int(i) for i in student_stop_ids)
         self.teacher_unk_id = teacher_tokenizer.unk_token_id
 
@@ -231,3 +232,17 @@ class CrossTokenizer:
             alignment = alignment.with_end_of_turn()
             teacher_ids.append(int(end_id))
         return TeacherView(prompt_text, prompt_ids, teacher_ids, alignment, student, teacher)
+
+
+def score_views(model, views: Sequence[TeacherView], pad_id: int, *, temperature: float = 1.0) -> list[CrossTokenizerScores]:
+    """One teacher forward pass over a batch of views (`completion_logprobs`), projected onto the student's tokens.
+
+    What an in-process teacher calls; a vLLM teacher sends `view.prompt_ids + view.completion_ids` as the prompt
+    (`prompt_logprobs`), reads the completion positions and calls `view.project` itself."""
+    from model_runtime.logprobs import completion_logprobs
+
+    if not views:
+        return []
+    scored = completion_logprobs(model, [v.prompt_ids for v in views], [v.completion_ids for v in views], pad_id,
+                                 temperature=temperature)
+    return [v.project(s.logprobs_C) for v, s in zip(views, scored, strict=True)]

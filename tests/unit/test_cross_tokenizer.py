@@ -18,8 +18,10 @@ import torch
 from foundation.errors import AlignmentError, ConfigError
 from model_runtime.gemma import GEMMA_CHAT_TEMPLATE, tiny_gemma_tokenizer
 from model_runtime.tiny import build_tokenizer
+from model_runtime.logprobs import completion_logprobs
+from model_runtime.tiny import tiny_config
 from model_runtime.xtok import (CrossTokenizer, TokenOffsets, align_spans, chat_layout, end_of_turn_id,
-                                parse_rendered_chat, span_advantages, token_offsets)
+                                parse_rendered_chat, score_views, span_advantages, token_offsets)
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
 GEMMA_PROMPT = "<bos><start_of_turn>user\nBe brief.\n\nhello there<end_of_turn>\n<start_of_turn>model\n"
@@ -336,6 +338,21 @@ def test_a_completion_of_only_a_stop_token_is_one_span(xt, chatml):
 def test_marker_text_in_a_completion_stays_text_for_the_teacher(xt, chatml, gemma_like):
     view = xt.view(ids_of(chatml, "say <end_of_turn> now"), messages=MESSAGES)
     assert gemma_like.convert_tokens_to_ids("<end_of_turn>") not in view.completion_ids
+
+
+# ---- a teacher forward pass, projected ---------------------------------------------------------------------------
+def test_score_views_project_a_batched_teacher_forward(xt, chatml, gemma_like):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(tiny_config(len(gemma_like))).eval()
+    views = [xt.view(ids_of(chatml, "Waves, salt 😀 and wind.") + [chatml.eos_token_id], messages=MESSAGES),
+             xt.view(ids_of(chatml, "日本"), rendered_prompt=CHATML_PROMPT)]
+    batched = score_views(teacher, views, gemma_like.pad_token_id)
+    alone = [completion_logprobs(teacher, [v.prompt_ids], [v.completion_ids], gemma_like.pad_token_id)[0].logprobs_C
+             for v in views]
+    gaps = [abs(s.span_teacher_logprob_S.sum() - float(lp.double().sum())) for s, lp in zip(batched, alone)]
+    assert max(gaps) < 1e-4
 
 
 # ---- what cannot be aligned -------------------------------------------------------------------------------------
