@@ -25,11 +25,12 @@ is its span's whole advantage:
 
 Worked example, student "a" "b" vs teacher "ab" (one span): A_a = A_b = T(ab) - lp(a) - lp(b). Had the teacher
 shared the student's tokens, rule 1 would give A_a = T(a) - lp(a) and A_b = T(b|a) - lp(b). The span rule gives
-token a its rule-1 term plus E_b[T(b|a) - lp(b)] (the next step of its return, which rule 1 drops: no bias added),
-and token b its rule-1 term plus A_a (already fixed when b is drawn: E[A_a grad log pi(b|a)] = 0, variance only).
-The alternatives are biased: "split over the span's tokens" (R_s / n_s each) scales each token's own term by
-1 / n_s, so spans where the student cuts finer than the teacher learn n_s times slower (Gemma's 262k tokens are
-longer than SmolLM2's 49k: most spans); "all to the last token" leaves the earlier tokens of a span without any
+token a its rule-1 term plus T(b|a) - lp(b), a term of its own return-to-go that rule 1 truncates (closer to the
+exact sequence-level gradient, not farther), and token b its rule-1 term plus A_a, which was fixed before b was
+drawn (E[A_a grad log pi(b|a)] = 0: variance, no bias). The alternatives are biased: "split over the span's
+tokens" (R_s / n_s each) scales each token's own term by 1 / n_s, so spans where the student cuts finer than the
+teacher learn n_s times slower (Gemma's 262k pieces are longer than SmolLM2's 49k: 40 SmolLM2 tokens made 29
+spans in the integration test); "all to the last token" leaves the earlier tokens of a span without any
 signal. When both tokenizations agree token for token, every span is one token and A_t is rule 1 exactly.
 (Off-policy, the span's other tokens were drawn from the behaviour policy: the exact weight of a span is the
 product of its tokens' ratios; the per-token ratio of rule 1 is exact on fresh samples and rollouts, rule 3.)
