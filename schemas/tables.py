@@ -1,13 +1,14 @@
 """SQL tables of the feature store (SQLAlchemy 2). Alembic migrations in `schemas/migrations` create them.
 
-- `trajectories`: one row per logged choice, natural key `trajectory_id`; token arrays stored as packed
+- `trajectories`: one row per logged choice (trajectory v1 or v2; v2's re-rendering fields NULL on v1 rows), natural key `trajectory_id`; token arrays stored as packed
   little-endian bytes (`schemas.arrays`) with their lengths beside them, checked on read and write.
   Rows the scorer landed carry where they sat in the log (`log_partition`, `log_offset`; NULL for rows
   written by other paths) and `landed_watermark` (the consumer group's watermark just before the row landed:
   a row whose window end it had already passed arrived late); every row carries `prompt_hash` (`schemas.prompts.prompt_hash`), the held-out split's key.
 - `teacher_scores`: one row per (trajectory, teacher): the teacher's logprob of every completion token, and
   optionally its top-k (ids, logprobs) per completion position, stamped with the teacher's tokenizer
-  fingerprint and the temperature it scored under (NULL on rows older than migration 0004).
+  fingerprint and the temperature it scored under (NULL on rows older than migration 0004). A teacher with
+  another tokenizer (migration 0008) also stores `span_ids` and the student's fingerprint (model_runtime.xtok).
 - `scoring_rejections`: one row per (trajectory, teacher) the teacher refused, so it is counted as handled
   and never retried forever.
 - `log_progress`: per (consumer group, topic, partition), how far the scorer has landed the log: the next
@@ -82,6 +83,12 @@ class TrajectoryRow(Base):
     sampling_json: Mapped[str | None] = mapped_column(Text)
     # A candidate's mirrored answer (shadow mode, migration 0006): scored and compared, never in a training window.
     shadow: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Trajectory v2 (migration 0008; NULL on v1 rows): what a teacher with another tokenizer re-renders from.
+    prompt_kind: Mapped[str | None] = mapped_column(String(8))  # "chat" | "text"
+    messages_json: Mapped[str | None] = mapped_column(Text)
+    add_generation_prompt: Mapped[bool | None] = mapped_column(Boolean)
+    continue_final_message: Mapped[bool | None] = mapped_column(Boolean)
+    completion_offsets: Mapped[bytes | None] = mapped_column(LargeBinary)  # packed like token ids
 
 
 class TeacherScoreRow(Base):
@@ -99,6 +106,10 @@ class TeacherScoreRow(Base):
     topk_logprobs: Mapped[bytes | None] = mapped_column(LargeBinary)
     tokenizer_fingerprint: Mapped[str | None] = mapped_column(String(64))
     teacher_temperature: Mapped[float | None] = mapped_column(Float)
+    # A teacher with another tokenizer (migration 0008): each student token's span, and the student tokenizer
+    # the span shares in `teacher_logprobs` were projected onto. NULL: same tokenizer (one span per token).
+    span_ids: Mapped[bytes | None] = mapped_column(LargeBinary)
+    student_tokenizer_fingerprint: Mapped[str | None] = mapped_column(String(64))
 
 
 class ScoringRejectionRow(Base):

@@ -1,8 +1,8 @@
-"""The trajectory message, version 1: what serving logs for every generated choice.
+"""The trajectory message: what serving logs for every generated choice. Versions 1 and 2, read side by side.
 
 One message per choice, keyed by `trajectory_id` (the idempotency key everywhere downstream). The trainer
-learns from `prompt_token_ids`, `completion_token_ids` and `behaviour_logprobs` and nothing else: texts are
-for reviewers, never re-tokenized.
+learns from `prompt_token_ids`, `completion_token_ids` and `behaviour_logprobs`; a teacher that shares the
+student's tokenizer scores those ids as they are.
 
 `behaviour_logprobs[j]` is the logprob of `completion_token_ids[j]`, and `logprob_kind` says under which
 distribution:
@@ -11,15 +11,25 @@ distribution:
 - `raw`: the model's own distribution before any processing (temperature 1, no truncation). Serving records
   this for greedy decoding, where the sampled distribution is a point mass and its logprobs are all 0.
 
-The JSON Schema file beside this module (`trajectory.v1.schema.json`) is generated from this model
-(`python -m schemas.trajectory > schemas/trajectory.v1.schema.json`); a test keeps them equal.
+Version 2 adds what a teacher with ANOTHER tokenizer needs to re-render the trajectory (model_runtime.xtok):
+the request's structured messages (or, for the completions API, that the prompt is raw text), the prompt text
+exactly as rendered, and the completion text the tokens spell with each token's character offset in it.
+
+Rolling upgrade (why both versions are read): serving pods are replaced one by one, so while new pods write v2
+the old ones still write v1 into the same topic, and the topic keeps v1 messages for its retention after the
+last old pod stops. Readers (the scorer, the store) therefore read both. `V1_WRITERS_RETIRED_ON` records the day
+the last v1 writer stopped (None: not yet); a CI test (tests/unit/test_schema_rollout.py) reads the topic's
+retention from infra/ and fails if the v1 reader is removed while `v1_may_be_in_topic`. Upgrade the readers
+before the writers. The JSON Schema files beside this module (`trajectory.v1.schema.json`,
+`trajectory.v2.schema.json`) are generated from these models (`python -m schemas.trajectory 2 >
+schemas/trajectory.v2.schema.json`); a test keeps them equal.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -27,10 +37,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from foundation.errors import InvalidTrajectory, UnknownSchemaVersion
 
-SCHEMA_VERSION = 1
-DEFAULT_TOPIC = "shadow.trajectories.v1"
+SCHEMA_VERSION = 2  # what serving writes
+READ_VERSIONS = (1, 2)  # what every reader reads
+DEFAULT_TOPIC = "shadow.trajectories.v1"  # the topic's name predates v2 and stays: both versions share it
 DEAD_LETTER_TOPIC = "shadow.trajectories.dlq"
-SCHEMA_FILE = Path(__file__).with_name("trajectory.v1.schema.json")
+SCHEMA_FILES = {v: Path(__file__).with_name(f"trajectory.v{v}.schema.json") for v in READ_VERSIONS}
+SCHEMA_FILE = SCHEMA_FILES[1]
+# The day the last serving pod writing v1 was stopped; None while any may still run (this release rolls v2 out).
+# Set it when the rollout is done: v1 readers may go `retention` after it, not before (`v1_may_be_in_topic`).
+V1_WRITERS_RETIRED_ON: date | None = None
+
+
+def v1_may_be_in_topic(today: date, retention: timedelta, retired_on: date | None = V1_WRITERS_RETIRED_ON) -> bool:
+    """True while the topic may still hold a v1 message: some writer may still write v1, or the last one stopped
+    less than the topic's retention ago (a day of slack for the broker's segment-granular deletion)."""
+    return retired_on is None or today <= retired_on + retention + timedelta(days=1)
 
 
 def _is_none(value: object) -> bool:
@@ -80,12 +101,12 @@ class SamplingParams(BaseModel):
                 and self.min_tokens == 0 and not self.ignore_eos)
 
 
-class TrajectoryV1(BaseModel):
-    """One generated choice, as logged by serving and consumed by the teacher scorer."""
+class _Trajectory(BaseModel):
+    """The fields both versions share (see the module docstring)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: int  # each version narrows it to its Literal (declared here so that it is serialized first)
     trajectory_id: str = Field(min_length=1, max_length=64)
     request_id: str = Field(min_length=1, max_length=128)
     choice_index: int = Field(ge=0)
@@ -101,8 +122,6 @@ class TrajectoryV1(BaseModel):
     behaviour_logprobs: list[float]
     logprob_kind: Literal["sampled", "raw"]
     finish_reason: Literal["stop", "length"]
-    prompt_text: str | None = None
-    completion_text: str | None = None
     shadow: bool = Field(default=False, exclude_if=_is_false, description=(
         "Answered by a candidate mirrored on a live request (shadow mode): never returned to the client, never "
         "trained on; `adapter_version` is the candidate's."))
@@ -130,7 +149,7 @@ class TrajectoryV1(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _aligned(self) -> TrajectoryV1:
+    def _aligned(self):
         if len(self.behaviour_logprobs) != len(self.completion_token_ids):
             raise ValueError(
                 f"{len(self.behaviour_logprobs)} behaviour logprobs for "
@@ -150,8 +169,87 @@ class TrajectoryV1(BaseModel):
         return self.trajectory_id.encode("utf-8")
 
 
-def decode_trajectory(raw: bytes | str) -> TrajectoryV1:
-    """Parse and validate one message; every failure is an `InvalidTrajectory` that names the problem."""
+class TrajectoryV1(_Trajectory):
+    """Version 1: token ids, plus texts for reviewers only (`completion_text` is what the client was sent)."""
+
+    schema_version: Literal[1] = 1
+    prompt_text: str | None = None
+    completion_text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat request, as the caller sent it (content flattened to text, as the template saw it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: str = Field(min_length=1, max_length=32)
+    content: str
+    name: str | None = Field(default=None, max_length=256, exclude_if=_is_none,
+                             description="The message's `name`, where the caller gave one (the template read it).")
+
+
+class TrajectoryV2(_Trajectory):
+    """Version 2: version 1 plus what a teacher with another tokenizer needs to re-render the trajectory.
+
+    Texts (`messages`, `prompt_text`, `completion_text`, `completion_offsets`) are left out when serving logs no
+    texts (`--no-log-texts`); a cross-tokenizer scorer then decodes the token ids with the student's tokenizer."""
+
+    schema_version: Literal[2] = 2
+    prompt_kind: Literal["chat", "text"] = Field(description=(
+        "`chat`: the prompt is the student's chat template rendering of `messages` (chat completions API); "
+        "`text`: the prompt is raw text (completions API)."))
+    messages: list[ChatMessage] | None = Field(default=None, description=(
+        "The chat request's messages, in order (chat only)."))
+    add_generation_prompt: bool = Field(default=True, exclude_if=lambda v: v is True,
+                                        description="The template was rendered with its generation prompt.")
+    continue_final_message: bool = Field(default=False, exclude_if=_is_false,
+                                         description="The last message was continued, not answered.")
+    prompt_text: str | None = Field(default=None, description=(
+        "The prompt exactly as rendered: `prompt_token_ids` decoded with special tokens kept."))
+    completion_text: str | None = Field(default=None, description=(
+        "What `completion_token_ids` spell, a final stop token excluded (stop strings included: unlike v1's "
+        "`completion_text`, this is not cut to what the client was sent)."))
+    completion_offsets: list[int] | None = Field(default=None, description=(
+        "Per completion token, how many characters of `completion_text` are spelled once it is decoded. A token "
+        "that ends inside a multi-byte character repeats the previous offset (it owns no whole character); a "
+        "final stop token has offset len(completion_text)."))
+
+    @model_validator(mode="after")
+    def _texts(self) -> TrajectoryV2:
+        if self.prompt_kind == "text" and self.messages is not None:
+            raise ValueError("messages: a `text` prompt has no messages")
+        if self.prompt_kind == "text" and (self.continue_final_message or not self.add_generation_prompt):
+            raise ValueError("add_generation_prompt / continue_final_message: only a `chat` prompt has them")
+        offsets = self.completion_offsets
+        if offsets is None:
+            return self
+        if self.completion_text is None:
+            raise ValueError("completion_offsets: offsets without completion_text")
+        if len(offsets) != len(self.completion_token_ids):
+            raise ValueError(f"completion_offsets: {len(offsets)} offsets for {len(self.completion_token_ids)} "
+                             "completion tokens")
+        previous = 0
+        for j, end in enumerate(offsets):
+            if end < previous or end > len(self.completion_text):
+                raise ValueError(f"completion_offsets.{j}: offset {end} after {previous} is not a non-decreasing "
+                                 f"offset into a text of {len(self.completion_text)} characters")
+            previous = end
+        if offsets and offsets[-1] != len(self.completion_text):
+            raise ValueError(f"completion_offsets: the last offset {offsets[-1]} is not the text's length "
+                             f"{len(self.completion_text)}")
+        return self
+
+    @property
+    def message_dicts(self) -> list[dict] | None:
+        return None if self.messages is None else [{"role": m.role, "content": m.content} for m in self.messages]
+
+
+Trajectory = TrajectoryV1 | TrajectoryV2
+MODELS: dict[int, type[TrajectoryV1] | type[TrajectoryV2]] = {1: TrajectoryV1, 2: TrajectoryV2}
+
+
+def decode_trajectory(raw: bytes | str) -> Trajectory:
+    """Parse and validate one message of either version; every failure is an `InvalidTrajectory` naming the problem."""
     try:
         obj = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -159,22 +257,24 @@ def decode_trajectory(raw: bytes | str) -> TrajectoryV1:
     if not isinstance(obj, dict):
         raise InvalidTrajectory(f"expected a JSON object, got {type(obj).__name__}")
     version = obj.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise UnknownSchemaVersion(f"schema_version {version!r} is not supported (this code reads {SCHEMA_VERSION})")
+    if isinstance(version, bool) or version not in MODELS:
+        raise UnknownSchemaVersion(f"schema_version {version!r} is not supported (this code reads {READ_VERSIONS})")
     try:
-        return TrajectoryV1.model_validate(obj)
+        return MODELS[version].model_validate(obj)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "message"
-        raise InvalidTrajectory(f"{where}: {first['msg']}") from exc
+        raise InvalidTrajectory(f"v{version} {where}: {first['msg']}") from exc
 
 
-def json_schema() -> dict:
-    schema = TrajectoryV1.model_json_schema()
+def json_schema(version: int = 1) -> dict:
+    schema = MODELS[version].model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://shadow-distill.dev/schemas/trajectory.v1.schema.json"
+    schema["$id"] = f"https://shadow-distill.dev/schemas/trajectory.v{version}.schema.json"
     return schema
 
 
 if __name__ == "__main__":
-    print(json.dumps(json_schema(), indent=2, sort_keys=True))
+    import sys
+
+    print(json.dumps(json_schema(int(sys.argv[1]) if len(sys.argv) > 1 else 1), indent=2, sort_keys=True))

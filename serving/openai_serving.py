@@ -38,7 +38,7 @@ from serving.protocol import (
     error_response,
 )
 from serving.shadow_mirror import ShadowMirror
-from serving.trajectories import TrajectoryLog
+from serving.trajectories import ChatPrompt, TrajectoryLog
 from foundation.errors import ShadowDistillError
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class Plan:
     end_user: str | None = None  # the request's `user`, hashed into its trajectories
     adapter: str | None = None  # a named adapter the request's `model` asked for; None: the default (champion)
     grant: Grant = field(default_factory=Grant)  # what the key's rate limits reserved (default: unlimited)
+    chat: ChatPrompt | None = None  # a chat request's messages, logged in its trajectories; None: raw-text prompts
 
     @property
     def worst_case_tokens(self) -> int:
@@ -384,12 +385,12 @@ class OpenAIServing:
         if self.log is None or not ctx.shadow_log:
             return None
         log_task = self.log.task(ctx.request_id, ctx.caller.name, plan.end_user, plan.rows, out.rows,
-                                 out.adapter_version)
+                                 out.adapter_version, chat=plan.chat)
         if mirror is None:
             return log_task
 
         def task() -> None:
             log_task()
-            mirror.maybe_mirror(ctx.request_id, ctx.caller.name, plan.end_user, plan.rows)
+            mirror.maybe_mirror(ctx.request_id, ctx.caller.name, plan.end_user, plan.rows, chat=plan.chat)
 
         return task

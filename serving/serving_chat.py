@@ -35,6 +35,7 @@ from serving.protocol import (
     error_response,
 )
 from serving.openai_serving import Alternatives, Completed, OpenAIServing, Plan, RequestContext, sse
+from serving.trajectories import ChatPrompt
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -50,6 +51,7 @@ class OpenAIServingChat(OpenAIServing):
         plan = self.plan(req, [prompt_ids], "messages")
         if isinstance(plan, ErrorResponse):
             return plan
+        plan.chat = ChatPrompt.of(self.request_messages(req), req.generation_prompt, bool(req.continue_final_message))
         if req.stream and not self.engine.is_alive():
             return self.engine_error(RuntimeError("engine stopped"))
         if error := self.admit(ctx, plan):
@@ -67,10 +69,14 @@ class OpenAIServingChat(OpenAIServing):
                                           req.return_tokens_as_token_ids)))
         return Completed(body, self.trajectory_task(ctx, plan, out))
 
+    @staticmethod
+    def request_messages(req: ChatCompletionRequest) -> list[dict]:
+        """The messages as the chat template sees them (content flattened to text; `name` where given)."""
+        return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
+
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int] | ErrorResponse:
         """The prompt ids of the request's messages, or the 400 of a template that rejects them or their names."""
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in req.messages]
+        messages = self.request_messages(req)
         ending = (req.generation_prompt, bool(req.continue_final_message))
         try:
             prompt_ids = render_chat(self.tokenizer, messages, *ending)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from foundation.errors import ConfigError, ShadowDistillError
 from serving.engine_base import Engine, GenerationOutput, RowRequest
-from serving.trajectories import TrajectoryLog
+from serving.trajectories import ChatPrompt, TrajectoryLog
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class ShadowMirror:
 
     # ---- the request path ------------------------------------------------------------------------------------
     def maybe_mirror(self, request_id: str, caller_name: str | None, end_user: str | None,
-                     rows: Sequence[RowRequest]) -> bool:
+                     rows: Sequence[RowRequest], chat: ChatPrompt | None = None) -> bool:
         """Submit the request's rows again under the candidate, as background work; never blocks, never raises."""
         target = self.target
         if target is None or not selected(request_id, self.fraction):
@@ -130,12 +130,12 @@ class ShadowMirror:
             return False
         job.future.add_done_callback(lambda f: self._done(
             target, None if f.cancelled() or f.exception() else f.result(),
-            f.exception() if not f.cancelled() else None, request_id, caller_name, end_user, rows))
+            f.exception() if not f.cancelled() else None, request_id, caller_name, end_user, rows, chat))
         return True
 
     def _done(self, target: str, out: GenerationOutput | None, exc: BaseException | None,
               request_id: str = "", caller_name: str | None = None, end_user: str | None = None,
-              rows: Sequence[RowRequest] = ()) -> None:
+              rows: Sequence[RowRequest] = (), chat: ChatPrompt | None = None) -> None:
         with self._lock:
             self._pending -= 1
             if out is None:
@@ -149,4 +149,5 @@ class ShadowMirror:
             log.warning("shadow request %s under %s failed: %s", request_id, target, self.last_error)
             return
         if self.log is not None:
-            self.log.task(request_id, caller_name, end_user, rows, out.rows, out.adapter_version, shadow=True)()
+            self.log.task(request_id, caller_name, end_user, rows, out.rows, out.adapter_version, chat=chat,
+                          shadow=True)()

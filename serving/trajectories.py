@@ -1,8 +1,11 @@
-"""Build one `TrajectoryV1` per generated choice, and the sink protocol that ships them.
+"""Build one trajectory (schema v2) per generated choice, and the sink protocol that ships them.
 
 The trajectory is the contract with the rest of the platform (schemas/trajectory.py, DESIGN.md): token ids
 exactly as sampled, one behaviour logprob per completion token with its kind, the adapter version that
-produced it, and the sampling parameters. The caller is recorded as a salted sha256 of the API key's *name*,
+produced it, and the sampling parameters. Version 2 adds what a teacher with another tokenizer re-renders the
+choice from: the prompt's kind (chat or raw text), the chat request's messages and template switches
+(`ChatPrompt`), and the text the completion tokens spell with each token's character offset
+(`model_runtime.xtok.token_offsets`, the decoding the cross-tokenizer scorer checks them against). The caller is recorded as a salted sha256 of the API key's *name*,
 never of the key; the end user (`user`) as a salted sha256 scoped to that key, never in clear. `TrajectoryLog`
 builds a request's trajectories after its response is sent and runs the redaction hook on them first
 (`serving.privacy.Withholder`: a trajectory whose text matches a pattern never leaves the process).
@@ -20,16 +23,18 @@ import hashlib
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
+from foundation.errors import AlignmentError
 from model_runtime.sampling import DecodeParams
-from schemas.trajectory import SamplingParams, TrajectoryV1
-from serving.detokenize import final_text
+from model_runtime.xtok import token_offsets
+from schemas.trajectory import ChatMessage, SamplingParams, Trajectory, TrajectoryV2
 from serving.engine_base import RowRequest, RowResult
 from serving.privacy import Withholder
 
@@ -38,7 +43,7 @@ log = logging.getLogger(__name__)
 
 @runtime_checkable
 class TrajectorySink(Protocol):
-    def submit(self, traj: TrajectoryV1) -> None:
+    def submit(self, traj: Trajectory) -> None:
         """Queue one trajectory; never blocks, never raises."""
         ...
 
@@ -54,12 +59,12 @@ class MemorySink:
 
     def __init__(self, max_items: int | None = None):
         self.max_items = max_items
-        self.items: list[TrajectoryV1] = []
+        self.items: list[Trajectory] = []
         self.dropped = 0
         self.closed = False
         self._lock = threading.Lock()
 
-    def submit(self, traj: TrajectoryV1) -> None:
+    def submit(self, traj: Trajectory) -> None:
         with self._lock:
             if self.max_items is not None and len(self.items) >= self.max_items:
                 self.dropped += 1
@@ -73,7 +78,7 @@ class MemorySink:
     def close(self, timeout_s: float = 10.0) -> None:
         self.closed = True
 
-    def by_request(self, request_id: str) -> list[TrajectoryV1]:
+    def by_request(self, request_id: str) -> list[Trajectory]:
         with self._lock:
             return sorted((t for t in self.items if t.request_id == request_id), key=lambda t: t.choice_index)
 
@@ -100,12 +105,47 @@ def sampling_params(params: DecodeParams) -> SamplingParams:
                           min_tokens=params.min_tokens, ignore_eos=params.ignore_eos)
 
 
+@dataclass(frozen=True)
+class ChatPrompt:
+    """How a chat request's prompt was rendered: its messages and the template switches (vLLM's names)."""
+
+    messages: tuple[ChatMessage, ...]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @classmethod
+    def of(cls, messages: Sequence[dict], add_generation_prompt: bool = True,
+           continue_final_message: bool = False) -> ChatPrompt:
+        return cls(tuple(ChatMessage(**m) for m in messages), add_generation_prompt, continue_final_message)
+
+
+@dataclass(frozen=True)
+class CompletionTexts:
+    """What a choice's tokens spell (a final stop token left out), with each token's character end offset."""
+
+    text: str
+    offsets: list[int]
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase, completion_ids: Sequence[int], stop_ids: Set[int]
+           ) -> CompletionTexts | None:
+        stop = bool(completion_ids) and completion_ids[-1] in stop_ids
+        text_ids = list(completion_ids[:-1] if stop else completion_ids)
+        try:
+            spelled = token_offsets(tokenizer, text_ids)
+        except AlignmentError as exc:  # cannot happen for ids the model sampled; the message must still go out
+            log.warning("no character offsets for a completion: %s", exc)
+            return None
+        return cls(spelled.text, [*spelled.ends, *([len(spelled.text)] if stop else [])])
+
+
 def build_trajectory(*, request_id: str, choice_index: int, caller: str | None, base_model_id: str,
                      adapter_version: str | None, params: DecodeParams, prompt_ids: Sequence[int],
-                     result: RowResult, prompt_text: str | None, completion_text: str | None,
-                     created_at: datetime | None = None, user: str | None = None,
-                     shadow: bool = False) -> TrajectoryV1:
-    return TrajectoryV1(
+                     result: RowResult, prompt_text: str | None, completion: CompletionTexts | None = None,
+                     chat: ChatPrompt | None = None, log_messages: bool = True, created_at: datetime | None = None,
+                     user: str | None = None, shadow: bool = False) -> TrajectoryV2:
+    """One choice's v2 message; `chat` None means a completions-API (raw text) prompt."""
+    return TrajectoryV2(
         trajectory_id=uuid.uuid4().hex,
         request_id=request_id,
         choice_index=choice_index,
@@ -120,9 +160,14 @@ def build_trajectory(*, request_id: str, choice_index: int, caller: str | None, 
         behaviour_logprobs=list(result.logprobs),
         logprob_kind=result.logprob_kind,
         finish_reason=result.finish_reason,
-        prompt_text=prompt_text,
-        completion_text=completion_text,
         shadow=shadow,
+        prompt_kind="text" if chat is None else "chat",
+        messages=list(chat.messages) if chat is not None and log_messages else None,
+        add_generation_prompt=True if chat is None else chat.add_generation_prompt,
+        continue_final_message=False if chat is None else chat.continue_final_message,
+        prompt_text=prompt_text,
+        completion_text=None if completion is None else completion.text,
+        completion_offsets=None if completion is None else completion.offsets,
     )
 
 
@@ -170,9 +215,11 @@ class TrajectoryLog:
         return subject, digest
 
     def task(self, request_id: str, caller_name: str | None, end_user: str | None, rows: Sequence[RowRequest],
-             results: Sequence[RowResult], adapter_version: str | None, *, shadow: bool = False) -> Callable[[], None]:
+             results: Sequence[RowResult], adapter_version: str | None, *, chat: ChatPrompt | None = None,
+             shadow: bool = False) -> Callable[[], None]:
         """A callable that builds and submits one trajectory per choice not withheld (run it after the response).
-        `shadow`: the answers of a candidate mirrored on this request (never returned, never trained on)."""
+        `chat`: the chat request's messages (None: a completions-API prompt). `shadow`: the answers of a
+        candidate mirrored on this request (never returned, never trained on)."""
         created = datetime.now(UTC)
 
         def task() -> None:
@@ -180,7 +227,7 @@ class TrajectoryLog:
                       "user": user_hash(caller_name, end_user, self.salt), "shadow": shadow}
             if {hashes["caller"], hashes["user"]} & self.forgotten:
                 return
-            fields = [self._fields(request_id, k, row, res, adapter_version, created, hashes)
+            fields = [self._fields(request_id, k, row, res, adapter_version, created, {**hashes, "chat": chat})
                       for k, (row, res) in enumerate(zip(rows, results, strict=True))]
             submit_all(self.sink, [f for f in fields if f is not None])
 
@@ -188,14 +235,18 @@ class TrajectoryLog:
 
     def _fields(self, request_id: str, k: int, row: RowRequest, res: RowResult, adapter_version: str | None,
                 created: datetime, hashes: dict) -> dict | None:
-        """One choice's trajectory fields, or None when its text matches a redaction pattern (withheld)."""
-        prompt_text = completion_text = None
+        """One choice's trajectory fields, or None when its text matches a redaction pattern (withheld).
+
+        The withholder reads the texts whether or not they are logged; `log_texts=False` leaves every text (the
+        messages included) out of the message, and a cross-tokenizer scorer decodes the ids instead."""
+        prompt_text = completion = None
         if self.log_texts or self.withholder.patterns:
             prompt_text = decode_prompt(self.tokenizer, row.prompt_ids)
             if self.withholder.withhold(prompt_text, decode_prompt(self.tokenizer, res.completion_ids)):
                 return None
-            completion_text = final_text(self.tokenizer, res.completion_ids, row.text_rule(self.eos_ids))
+            if self.log_texts:
+                completion = CompletionTexts.of(self.tokenizer, res.completion_ids, row.params.stop_ids(self.eos_ids))
         return dict(request_id=request_id, choice_index=k, base_model_id=self.base_model_id,
                     adapter_version=adapter_version, params=row.params, prompt_ids=row.prompt_ids, result=res,
-                    prompt_text=prompt_text if self.log_texts else None,
-                    completion_text=completion_text if self.log_texts else None, created_at=created, **hashes)
+                    prompt_text=prompt_text if self.log_texts else None, completion=completion,
+                    log_messages=self.log_texts, created_at=created, **hashes)

@@ -1,4 +1,4 @@
-"""The trajectory contract: round trip, validation errors, JSON Schema file in sync, migrations match tables."""
+"""The trajectory contract (v1 and v2): round trip, validation errors, JSON Schema files in sync, migrations."""
 
 import json
 from datetime import UTC, datetime
@@ -7,7 +7,8 @@ import jsonschema
 import pytest
 
 from schemas.arrays import pack_floats, pack_ids, unpack_floats, unpack_ids
-from schemas.trajectory import SCHEMA_FILE, SamplingParams, TrajectoryV1, decode_trajectory, json_schema
+from schemas.trajectory import (SCHEMA_FILE, SCHEMA_FILES, SamplingParams, TrajectoryV1, TrajectoryV2,
+                               decode_trajectory, json_schema)
 from foundation.errors import InvalidTrajectory, StoreError, UnknownSchemaVersion
 
 
@@ -76,7 +77,7 @@ def test_malformed_messages_are_named(raw, match):
 
 def test_unknown_schema_version_is_its_own_error():
     obj = json.loads(make().to_bytes())
-    obj["schema_version"] = 2
+    obj["schema_version"] = 3
     with pytest.raises(UnknownSchemaVersion):
         decode_trajectory(json.dumps(obj))
 
@@ -95,6 +96,82 @@ def test_field_rules(field, value):
     obj[field] = value
     with pytest.raises(InvalidTrajectory):
         decode_trajectory(json.dumps(obj))
+
+
+def make_v2(**over) -> TrajectoryV2:
+    fields = make().model_dump(exclude={"schema_version", "prompt_text", "completion_text"})
+    fields.update(prompt_kind="chat", messages=[{"role": "user", "content": "hi"}], prompt_text="<u>hi</u>",
+                  completion_text="yo", completion_offsets=[1, 2])
+    fields.update(over)
+    return TrajectoryV2(**fields)
+
+
+def test_v2_round_trip_is_exact():
+    t = make_v2()
+    assert decode_trajectory(t.to_bytes()) == t
+
+
+def test_v1_and_v2_decode_to_their_own_versions():
+    assert [type(decode_trajectory(m.to_bytes())) for m in (make(), make_v2())] == [TrajectoryV1, TrajectoryV2]
+
+
+def test_the_v2_schema_file_is_generated_from_the_model():
+    assert json.loads(SCHEMA_FILES[2].read_text()) == json_schema(2)
+
+
+def test_the_v2_json_schema_accepts_a_v2_message():
+    jsonschema.validate(json.loads(make_v2().to_bytes()), json.loads(SCHEMA_FILES[2].read_text()))
+
+
+def test_the_v2_json_schema_refuses_offsets_that_are_not_integers():
+    bad = json.loads(make_v2().to_bytes())
+    bad["completion_offsets"] = ["1", 2]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, json.loads(SCHEMA_FILES[2].read_text()))
+
+
+def test_the_v1_json_schema_refuses_a_v2_message():
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(json.loads(make_v2().to_bytes()), json.loads(SCHEMA_FILE.read_text()))
+
+
+def test_v2_default_template_switches_are_left_out_of_the_message():
+    assert {"add_generation_prompt", "continue_final_message"} & set(json.loads(make_v2().to_bytes())) == set()
+
+
+def test_a_text_prompt_without_texts_is_a_valid_v2_message():
+    t = make_v2(prompt_kind="text", messages=None, prompt_text=None, completion_text=None, completion_offsets=None)
+    assert decode_trajectory(t.to_bytes()).prompt_kind == "text"
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"completion_offsets": [1]}, "1 offsets for 2 completion tokens"),
+    ({"completion_offsets": [2, 1]}, "completion_offsets.1"),
+    ({"completion_offsets": [1, 3]}, "completion_offsets.1"),
+    ({"completion_offsets": [1, 1]}, "last offset 1 is not the text's length 2"),
+    ({"completion_text": None}, "offsets without completion_text"),
+    ({"prompt_kind": "text"}, "a `text` prompt has no messages"),
+    ({"prompt_kind": "text", "messages": None, "continue_final_message": True}, "only a `chat` prompt"),
+    ({"prompt_kind": "json"}, "prompt_kind"),
+])
+def test_v2_field_rules_are_named(over, match):
+    obj = json.loads(make_v2().to_bytes())
+    obj.update(over)
+    with pytest.raises(InvalidTrajectory, match=match):
+        decode_trajectory(json.dumps(obj))
+
+
+def test_v2_error_names_the_version():
+    obj = json.loads(make_v2().to_bytes())
+    del obj["prompt_kind"]
+    with pytest.raises(InvalidTrajectory, match="v2 prompt_kind"):
+        decode_trajectory(json.dumps(obj))
+
+
+def test_a_v2_offset_repeats_where_a_token_ends_inside_a_character():
+    t = make_v2(completion_token_ids=[4, 5, 6], behaviour_logprobs=[-0.1, -0.2, -0.3], completion_text="a\u00e9",
+                completion_offsets=[1, 1, 2])
+    assert decode_trajectory(t.to_bytes()).completion_offsets == [1, 1, 2]
 
 
 def test_array_codec_checks_lengths():

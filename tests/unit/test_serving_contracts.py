@@ -21,7 +21,7 @@ from serving.protocol import (
     StreamOptions,
 )
 from serving.routes import validation_error
-from serving.trajectories import MemorySink, build_trajectory, caller_hash, submit_all
+from serving.trajectories import ChatPrompt, CompletionTexts, MemorySink, build_trajectory, caller_hash, submit_all
 from serving.vllm_engine import completion_body, parse_prompt_logprobs
 from foundation.errors import ConfigError
 
@@ -270,7 +270,7 @@ def _fields(**over):
     base = dict(request_id="r1", choice_index=0, caller=None, base_model_id="tiny", adapter_version="3",
                 params=DecodeParams(max_tokens=4, temperature=0.7, top_p=0.9, top_k=5, seed=11),
                 prompt_ids=(1, 2), result=RowResult([5, 6], [-0.5, -1.0], "sampled", "length"),
-                prompt_text="p", completion_text="c", created_at=datetime(2026, 1, 1, tzinfo=UTC))
+                prompt_text="p", completion=CompletionTexts("cd", [1, 2]), created_at=datetime(2026, 1, 1, tzinfo=UTC))
     return {**base, **over}
 
 
@@ -281,6 +281,37 @@ def test_trajectory_carries_sampling_and_ids_exactly():
     assert t.completion_token_ids == [5, 6]
     assert t.adapter_version == "3"
     assert len(t.trajectory_id) == 32
+
+
+def test_serving_writes_schema_version_2():
+    assert build_trajectory(**_fields()).schema_version == 2
+
+
+def test_a_completions_prompt_is_logged_as_text():
+    assert build_trajectory(**_fields()).prompt_kind == "text"
+
+
+def test_a_chat_prompt_is_logged_with_its_messages():
+    chat = ChatPrompt.of([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    t = build_trajectory(**_fields(chat=chat))
+    assert [(m.role, m.content) for m in t.messages] == [("system", "Be brief."), ("user", "Hi")]
+
+
+def test_a_chat_prompt_keeps_its_template_switches():
+    chat = ChatPrompt.of([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "He"}], False, True)
+    t = build_trajectory(**_fields(chat=chat))
+    assert (t.add_generation_prompt, t.continue_final_message) == (False, True)
+
+
+def test_messages_are_left_out_when_texts_are_not_logged():
+    chat = ChatPrompt.of([{"role": "user", "content": "Hi"}])
+    t = build_trajectory(**_fields(chat=chat, log_messages=False, prompt_text=None, completion=None))
+    assert (t.prompt_kind, t.messages, t.completion_offsets) == ("chat", None, None)
+
+
+def test_completion_offsets_go_with_the_text():
+    t = build_trajectory(**_fields())
+    assert (t.completion_text, t.completion_offsets) == ("cd", [1, 2])
 
 
 def test_submit_all_skips_a_choice_that_breaks_the_contract():
