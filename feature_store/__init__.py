@@ -5,8 +5,8 @@ event-time watermark over the log), `records.py` the values that go in and come 
 """
 
 from feature_store.coverage import WindowStatus
-from feature_store.records import LoggedTrajectory, PartitionProgress, ScoredTrajectory, TeacherScores
+from feature_store.records import LoggedTrajectory, PartitionProgress, PendingKey, ScoredTrajectory, TeacherScores
 from feature_store.store import FeatureStore, ScoresWritten, shared_store
 
-__all__ = ["FeatureStore", "LoggedTrajectory", "PartitionProgress", "ScoredTrajectory", "ScoresWritten",
+__all__ = ["FeatureStore", "LoggedTrajectory", "PartitionProgress", "PendingKey", "ScoredTrajectory", "ScoresWritten",
            "TeacherScores", "WindowStatus", "shared_store"]

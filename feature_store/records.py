@@ -1,6 +1,7 @@
 """What goes into the feature store and what comes out, and the one place rows are built from and read into them.
 
 - `LoggedTrajectory`: a trajectory with where it sat in the Kafka log (what the scorer lands).
+- `PendingKey`: a landed trajectory still due for a teacher, without its arrays (the scorer's backlog query).
 - `PartitionProgress`: how far one consumer group has landed one partition (what the scorer records with it).
 - `TeacherScores`: the teacher's logprobs of one completion (+ optional top-k).
 - `ScoredTrajectory`: what the trainer reads: token ids, behaviour and teacher logprobs, and what the scores
@@ -75,6 +76,18 @@ class LoggedTrajectory:
     trajectory: TrajectoryV1
     partition: int | None = None
     offset: int | None = None
+
+
+@dataclass(frozen=True)
+class PendingKey:
+    """A landed trajectory a teacher has neither scored nor refused: its key, place in the log and length
+    (prompt + completion tokens), without its arrays (`FeatureStore.pending_keys`)."""
+
+    trajectory_id: str
+    created_at: datetime
+    partition: int | None
+    offset: int | None
+    tokens: int
 
 
 @dataclass(frozen=True)
