@@ -48,6 +48,10 @@ class ScoringConfig(StrictConfig):
         300_000, ge=1_000, description="Longest allowed gap between polls (scoring + DB commit of one poll).")
     max_poll_records: int = Field(256, ge=1, description="Most messages taken per poll; one poll = one DB commit.")
     poll_timeout_ms: int = Field(1_000, ge=1, description="How long one poll waits for messages.")
+    fetch_max_wait_ms: int = Field(100, ge=0, le=10_000, description=(
+        "Longest a fetch waits at the broker for data (Kafka's default: 500). A ListOffsets request (the caught-up "
+        "check) waits behind it on the same connection, so this bounds that stall; an idle scorer then sends "
+        "1000/this fetches a second, which costs the broker nothing."))
 
     # ---- feature store ----------------------------------------------------------------------------------
     store_url: str = Field(min_length=1, description="SQLAlchemy URL of the feature store (sqlite or postgresql).")
@@ -63,6 +67,9 @@ class ScoringConfig(StrictConfig):
     teacher_timeout_s: float = Field(120.0, gt=0, description="HTTP timeout of one scoring request.")
     temperature: float = Field(1.0, gt=0, description="Embedded teacher only: score under softmax(logits / T).")
     device: str = Field("auto", description="Embedded teacher only: 'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    torch_threads: int | None = Field(None, ge=1, le=1_024, description=(
+        "Embedded teacher only: CPU threads of its forward pass (torch.set_num_threads; unset: torch's default, "
+        "all cores). Replicas sharing a host split the cores between them."))
     batch_tokens: int = Field(8_192, ge=1, description="Token budget of one teacher forward pass (padded).")
     topk: int = Field(DEFAULT_TOPK, ge=0, le=1_000, description=(
         "Also store the teacher's top-k per completion token (0: off). An http teacher needs vLLM's "
@@ -134,6 +141,7 @@ class ScoringConfig(StrictConfig):
             self.bootstrap_servers, self.group_id, client_id=self.client_id, auto_offset_reset=self.auto_offset_reset,
             session_timeout_ms=self.session_timeout_ms, max_poll_interval_ms=self.max_poll_interval_ms,
             max_poll_records=self.max_poll_records, bootstrap_timeout_ms=int(self.connect_timeout_s * 1000),
+            fetch_max_wait_ms=self.fetch_max_wait_ms,
         )
 
     def producer_settings(self) -> dict[str, Any]:

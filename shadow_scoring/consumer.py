@@ -8,8 +8,12 @@ One step of the service loop:
 2. SCORE: score the landed-but-unscored trajectories of the partitions this consumer is assigned, oldest first,
    up to `score_tokens_per_step` tokens, and write the scores (idempotent on trajectory x teacher). A trajectory
    the teacher refuses is recorded in `scoring_rejections` and dead-lettered (re-serialized from its row).
-   Ownership comes from the Kafka consumer group, so scorers sharing a group split the scoring as they split
-   the log; after a rebalance or a restart the new owner scores what the old one landed and left unscored.
+   Ownership comes from the Kafka consumer group (`ownership.Ownership`, logged on every rebalance), so
+   scorers sharing a group split the scoring as they split the log; after a rebalance, a restart or a SIGKILL
+   the new owner scores what the old one landed and left unscored (`backlog.Backlog` reads what is due from
+   the store; the trajectories this scorer has just landed it already holds).
+
+While a page is left over, the next poll does not wait for new messages: the teacher never idles on the log.
 
 So the store holds what was consumed even while the teacher lags, and `FeatureStore.window_status` can tell a
 night that is complete from one that is not (coverage of what landed, and the log's watermark).
@@ -21,7 +25,8 @@ SIGTERM/SIGINT finish the step in hand (its landing is committed, its scores wri
     service = ScoringService.from_config(ScoringConfig(bootstrap_servers=..., store_url=..., teacher=...))
     service.run()                       # until SIGTERM/SIGINT
 
-Metrics (`stats()`, and Prometheus text on `/metrics` when `metrics_port` is set): see `shadow_scoring.metrics`.
+Metrics (`stats()`, and Prometheus text on `/metrics` when `metrics_port` is set): see `shadow_scoring.metrics`;
+lag per owned partition comes from the fetch responses' watermarks (`ownership.LagMeter`).
 """
 
 from __future__ import annotations
@@ -53,17 +58,10 @@ from shadow_scoring.landing import (
     partition_progress,
     rejection_headers,
 )
+from shadow_scoring.backlog import Backlog
 from shadow_scoring.metrics import ScoringStats, StatsCollector
-from shadow_scoring.scoring import (
-    BackfillReport,
-    PageOutcome,
-    backfill,
-    bytes_per_token,
-    page_lengths,
-    score_page,
-    within_budget,
-    write_page,
-)
+from shadow_scoring.ownership import LagMeter, Ownership
+from shadow_scoring.scoring import BackfillReport, PageOutcome, backfill, bytes_per_token, score_page, write_page
 from shadow_scoring.teacher import Teacher, build_teacher, check_tokenizer_match
 
 __all__ = ["BackfillReport", "ScoringService", "ScoringStats", "backfill", "dead_letter_headers", "wait_at_startup"]
@@ -81,7 +79,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 # The database is up but refuses this row: retrying cannot help, the message is a poison.
 REFUSED_BY_DATABASE = (sqlalchemy.exc.DataError, sqlalchemy.exc.IntegrityError)
 
-Cursor = tuple[datetime, str]
+# Trajectories held in memory between their landing and their scoring, in polls (`backlog.Backlog`).
+HELD_POLLS = 8
 
 
 class _Stopped(Exception):
@@ -116,13 +115,11 @@ class ScoringService:
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
         self._metrics_server = None
-        self._lag_at = 0.0
         self._progress_at = float("-inf")  # monotonic time of the last progress write
-        # Keyset of the scoring backlog: every landed row of `_owned` at or before it is scored or refused, so the
-        # next backlog query starts there instead of scanning everything scored. Reset when ownership changes,
-        # lowered when an older trajectory lands.
-        self._cursor: Cursor | None = None
-        self._owned: frozenset[int] = frozenset()
+        self._ends_at = float("-inf")  # monotonic time the end offsets were last asked for (caught-up check)
+        self._ownership = Ownership(config.topic, config.group_id, config.client_id)
+        self._lag = LagMeter(config.lag_refresh_s)
+        self._backlog = Backlog(store, teacher.teacher_id, HELD_POLLS * config.max_poll_records)
 
     @classmethod
     def from_config(cls, config: ScoringConfig) -> ScoringService:
@@ -134,10 +131,10 @@ class ScoringService:
         cfg = self.config
         self._producer = wait_at_startup("broker", lambda: KafkaProducer(**cfg.producer_settings()), cfg)
         self._consumer = wait_at_startup("broker", lambda: KafkaConsumer(**cfg.consumer_settings()), cfg)
-        self._consumer.subscribe([cfg.topic])
+        self._consumer.subscribe([cfg.topic], listener=self._ownership)
         if cfg.metrics_port is not None:
             registry = CollectorRegistry()
-            registry.register(StatsCollector(self._stats))
+            registry.register(StatsCollector(self._stats, cfg.topic))
             self._metrics_server, _ = start_http_server(cfg.metrics_port, cfg.metrics_host, registry)
         log.info("scoring %s as group %s with teacher %s (tokenizer %s, temperature %g); storing top-%d: "
                  "%d bytes per completion token", cfg.topic, cfg.group_id, self.teacher.teacher_id,
@@ -193,11 +190,22 @@ class ScoringService:
         """Poll once and land it (offsets committed after), then score from the backlog. Returns the messages polled."""
         if self._consumer is None:
             raise RuntimeError("call open() (or use the service as a context manager) before step()")
-        polled = self._consumer.poll(timeout_ms=self.config.poll_timeout_ms)
+        polled = self._consumer.poll(timeout_ms=0 if self._backlog.more else self.config.poll_timeout_ms)
+        self._follow_ownership()
         records = [r for recs in polled.values() for r in recs]
         self._land(records)
         self._score_backlog()
+        self._refresh_lag()
         return len(records)
+
+    def _follow_ownership(self) -> None:
+        """Take the assignment the last rebalance left (the listener ran inside the poll) into the backlog and
+        the stats."""
+        owned = self._ownership.partitions
+        self._backlog.own(owned)
+        s = self._stats
+        if s.rebalances != self._ownership.rebalances or s.assignment != sorted(owned):
+            s.assignment, s.rebalances = sorted(owned), self._ownership.rebalances
 
     # ---- landing -------------------------------------------------------------------------------------------------
     def _land(self, records: list[ConsumerRecord]) -> None:
@@ -205,12 +213,10 @@ class ScoringService:
 
         An empty poll still records progress (the partitions are caught up), at most every `idle_progress_s`."""
         if not records and time.monotonic() - self._progress_at < self.config.idle_progress_s:
-            self._refresh_lag()
             return
         decoded, bad, dups = decode_records(records)
         progress = self._progress(records, decoded, capped=len(records) >= self.config.max_poll_records)
         if not records and not progress:
-            self._refresh_lag()
             return
         items = list(zip((rec for rec, _ in decoded), logged(decoded), strict=True))
         new_rows, kept, refused = self._retry("database", lambda: self._land_rows(items, progress))
@@ -219,12 +225,12 @@ class ScoringService:
         self._commit(next_offsets(records))
         self._progress_at = time.monotonic()
         self._account_landing(kept, new_rows, bad, dups)
-        self._lower_cursor(kept)
-        self._refresh_lag(force=bool(records))
+        self._backlog.landed(kept)
 
     def _progress(self, records: list[ConsumerRecord], decoded, capped: bool) -> list[PartitionProgress]:
         """This poll's per-partition progress (`landing.partition_progress`); end offsets are asked for only
-        after an uncapped poll, whose records drained the consumer's buffer."""
+        after an uncapped poll, whose records drained the consumer's buffer, and at most every `idle_progress_s`
+        (the request waits behind the consumer's long-polling fetch: up to half a second on a quiet log)."""
         cfg, consumer = self.config, self._consumer
         assigned = [tp for tp in consumer.assignment() if tp.topic == cfg.topic]
         positions: dict[int, int] = {}
@@ -236,7 +242,8 @@ class ScoringService:
             if pos is not None:
                 positions[tp.partition] = pos
         ends, checked_at = None, None
-        if positions and not capped:
+        if positions and not capped and time.monotonic() - self._ends_at >= cfg.idle_progress_s:
+            self._ends_at = time.monotonic()
             checked_at = datetime.now(UTC)  # before asking: everything appended before this is below the ends
             try:
                 ends = {tp.partition: off for tp, off in consumer.end_offsets(assigned).items()}
@@ -263,13 +270,6 @@ class ScoringService:
         self.store.land([], progress)
         return new_rows, kept, refused
 
-    def _lower_cursor(self, landed: Sequence[LoggedTrajectory]) -> None:
-        """A trajectory landed behind the backlog cursor (out of order, a spool replay) must still be scored."""
-        for lt in landed:
-            t = lt.trajectory
-            if self._cursor is not None and (t.created_at, t.trajectory_id) <= self._cursor:
-                self._cursor = (t.created_at, "")
-
     def _account_landing(self, kept: Sequence[LoggedTrajectory], new_rows: int, bad, dups: int) -> None:
         s = self._stats
         s.landed += len(kept)
@@ -288,15 +288,8 @@ class ScoringService:
     # ---- scoring ---------------------------------------------------------------------------------------------------
     def _score_backlog(self) -> None:
         """Score the oldest landed-but-unscored trajectories of the owned partitions, up to the token budget."""
-        owned = frozenset(tp.partition for tp in self._consumer.assignment() if tp.topic == self.config.topic)
-        if owned != self._owned:
-            self._owned, self._cursor = owned, None
-        if not owned:
-            return
         cfg = self.config
-        page = self._retry("database", lambda: self.store.pending(self.teacher.teacher_id, owned, after=self._cursor,
-                                                                  limit=cfg.max_poll_records))
-        page = page[:within_budget(page_lengths([lt.trajectory for lt in page]), cfg.score_tokens_per_step)]
+        page = self._retry("database", lambda: self._backlog.next_page(cfg.max_poll_records, cfg.score_tokens_per_step))
         if not page:
             return
         trajs = [lt.trajectory for lt in page]
@@ -304,7 +297,7 @@ class ScoringService:
         refused = [(page[i], exc) for i, exc in outcome.rejected]
         self._retry("dead-letter topic", lambda: self._dead_letter_refusals(refused))
         written = self._retry("database", lambda: write_page(self.store, self.teacher, trajs, outcome))
-        self._cursor = (trajs[-1].created_at, trajs[-1].trajectory_id)
+        self._backlog.done(page)
         self._account_scoring(outcome, written, refused)
 
     def _account_scoring(self, outcome: PageOutcome, written: ScoresWritten, refused) -> None:
@@ -350,6 +343,7 @@ class ScoringService:
         try:
             self._consumer.commit(mine)
             self._stats.commits += 1
+            self._lag.committed({tp: om.offset for tp, om in mine.items()})
         except CommitFailedError as exc:
             log.warning("offset commit refused after a rebalance; the records will be replayed: %s", exc)
 
@@ -385,25 +379,17 @@ class ScoringService:
             for tp, recs in stray.items():  # partitions assigned during the wait are not paused
                 self._consumer.seek(tp, recs[0].offset)
                 self._consumer.pause(tp)
-            self._refresh_lag()  # lag keeps growing while we wait: show it
+            self._follow_ownership()
+            self._refresh_lag(paused=True)  # lag keeps growing while we wait: show it
 
-    def _refresh_lag(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self._lag_at < self.config.lag_refresh_s:
-            return
-        self._lag_at = time.monotonic()
-        parts = list(self._consumer.assignment())
-        if not parts:
-            return
-        try:
-            end = self._consumer.end_offsets(parts)
-            begin = self._consumer.beginning_offsets(parts)
-            lag = 0
-            for tp in parts:
-                committed = self._consumer.committed(tp)
-                lag += max(end[tp] - (begin[tp] if committed is None else committed), 0)
-            self._stats.consumer_lag = lag
-        except KafkaError as exc:  # lag is a diagnostic: never stop scoring for it
-            log.debug("consumer lag not measured: %s", exc)
+    def _refresh_lag(self, paused: bool = False) -> None:
+        """Lag per owned partition (`LagMeter`: from the fetches' watermarks; paused partitions fetch nothing,
+        so then the broker is asked, at most every `lag_refresh_s`)."""
+        parts = [tp for tp in self._consumer.assignment() if tp.topic == self.config.topic]
+        lags = self._lag.measure(self._consumer, parts, ask_broker=paused) if parts else {}
+        self._stats.partition_lag = lags
+        if lags or (not parts and self._ownership.rebalances):  # else: nothing known yet (None, not 0)
+            self._stats.consumer_lag = sum(lags.values())
 
 
 def _handle_signals(stop: threading.Event) -> Callable[[], None]:

@@ -116,12 +116,17 @@ def score_in_batches(teacher: Teacher, trajs: Sequence[TrajectoryV1], batch_toke
 class EmbeddedTeacher:
     """A causal LM loaded in this process; one forward pass per `score` call (one left-padded batch)."""
 
-    def __init__(self, model_dir: str | Path, device: str = "auto", temperature: float = 1.0):
+    def __init__(self, model_dir: str | Path, device: str = "auto", temperature: float = 1.0,
+                 threads: int | None = None):
         from model_runtime.models import ModelMeta, load_model, pick_device
         from model_runtime.tokenizers import folder_fingerprint
 
         if not temperature > 0:
             raise ConfigError(f"teacher temperature {temperature} must be > 0")
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)  # process-wide: a scorer process runs one teacher
         self.model_dir = Path(model_dir).expanduser()
         meta = ModelMeta.read(self.model_dir)
         self.tokenizer_fingerprint = folder_fingerprint(self.model_dir)
@@ -294,6 +299,7 @@ def build_teacher(config: ScoringConfig) -> Teacher:
         check_tokenizer_match(config, teacher)
         teacher.probe(config.topk)
         return teacher
-    teacher = EmbeddedTeacher(config.teacher, device=config.device, temperature=config.temperature)
+    teacher = EmbeddedTeacher(config.teacher, device=config.device, temperature=config.temperature,
+                              threads=config.torch_threads)
     check_tokenizer_match(config, teacher)
     return teacher
