@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
+from fastapi import FastAPI, Request
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 from sqlalchemy.orm import Session
@@ -121,3 +122,63 @@ class WrappedTeacher:
 
     def score(self, batch, topk=0):
         return self.inner.score(batch, topk)
+
+
+class TeacherServer:
+    """A vLLM-compatible teacher for scorer subprocesses (`POST {base}/v1/completions` with `prompt_logprobs`, the
+    wire format of `shadow_scoring.teacher.OpenAITeacher`): logprob -1 for every prompt token, each answer after
+    `delay_s` (a GPU forward's time, so a burst outlasts the test's reactions). Every scorer gets its own base URL,
+    `url(name)`, so the test knows which scorer has a batch in flight (`in_flight[name]`)."""
+
+    MODEL = "stand-in-teacher"
+
+    def __init__(self, vocab_size: int, delay_s: float = 0.1):
+        self.vocab_size, self.delay_s = vocab_size, delay_s
+        self.in_flight: dict[str, int] = {}
+        self.answered: dict[str, int] = {}  # prompts answered per scorer (the start-up probe included)
+        self.port: int | None = None
+        self._server = None
+        self._thread = None
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def _app(self):
+        import asyncio
+
+        app = FastAPI()  # Request is imported at module level: FastAPI resolves the annotation by name there
+
+        @app.post("/{name}/v1/completions")
+        async def completions(name: str, request: Request):
+            body = await request.json()
+            self.in_flight[name] = self.in_flight.get(name, 0) + 1
+            try:
+                await asyncio.sleep(self.delay_s)
+            finally:
+                self.in_flight[name] -= 1
+            self.answered[name] = self.answered.get(name, 0) + len(body["prompt"])
+            choices = [{"index": i, "text": "", "finish_reason": "length", "logprobs": None,
+                        "prompt_logprobs": [None] + [{str(t): {"logprob": -1.0, "rank": 1, "decoded_token": ""}}
+                                                     for t in ids[1:]]}
+                       for i, ids in enumerate(body["prompt"])]
+            return {"id": "cmpl-stand-in", "object": "text_completion", "model": body["model"], "choices": choices}
+
+        return app
+
+    def __enter__(self) -> TeacherServer:
+        import threading
+
+        import uvicorn
+
+        from message_bus.broker import free_port
+
+        self.port = free_port()
+        self._server = uvicorn.Server(uvicorn.Config(self._app(), host="127.0.0.1", port=self.port, log_level="error"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        wait_for(lambda: self._server.started, 20, "the stand-in teacher")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
