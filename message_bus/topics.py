@@ -20,15 +20,24 @@ Why these values:
   (Tansu) takes about half the session timeout (23 s at Kafka's default 45 s).
 - Topics: Tansu supports CreateTopics but not CreatePartitions, so a topic's partition count is fixed at
   creation; `ensure_topics` creates what is missing and only warns about a count that differs.
+- Partitions of the trajectory topic: the most scorer replicas that can work at once (a consumer group gives
+  each partition to one member), so choose it for the largest scorer fleet expected, at creation:
+  `ensure_trajectory_topics(bootstrap, partitions)`, or `SHADOW_DISTILL_TOPIC_PARTITIONS`, or
+  `python -m message_bus.topics --bootstrap-servers HOST:PORT --partitions 12` (what a deployment's
+  init step runs; infra/k8s declares its KafkaTopic with 12). A topic a producer auto-creates gets the
+  broker's default instead (4 on Tansu, `num.partitions`, default 1, on Apache Kafka).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 from typing import Any
 
 from foundation.errors import ConfigError, ShadowDistillError
+from schemas.trajectory import DEAD_LETTER_TOPIC, DEFAULT_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,9 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 
 SESSION_TIMEOUT_MS = 6_000
+
+PARTITIONS_ENV = "SHADOW_DISTILL_TOPIC_PARTITIONS"
+DEFAULT_PARTITIONS = 4  # the demo's and the dev broker's; production declares its own (infra/k8s: 12)
 
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "client_id": "shadow-distill-consumer",
@@ -200,3 +212,55 @@ def _warn_partition_mismatch(admin: Any, wanted: dict[str, int]) -> None:
                 "topic %r exists with %d partitions, not %d: left as is (partitions cannot be changed here)",
                 topic["name"], have, wanted[topic["name"]],
             )
+
+
+def trajectory_partitions(partitions: int | None = None) -> int:
+    """The trajectory topic's partition count: `partitions`, else `SHADOW_DISTILL_TOPIC_PARTITIONS`, else 4."""
+    if partitions is None:
+        raw = os.environ.get(PARTITIONS_ENV, "").strip()
+        try:
+            partitions = int(raw) if raw else DEFAULT_PARTITIONS
+        except ValueError:
+            raise ConfigError(f"{PARTITIONS_ENV}={raw!r} is not a whole number of partitions") from None
+    return partitions
+
+
+def trajectory_topics(partitions: int | None = None, topic: str = DEFAULT_TOPIC,
+                      dlq_topic: str = DEAD_LETTER_TOPIC) -> dict[str, int]:
+    """{trajectory topic: its partitions (`trajectory_partitions`), dead-letter topic: 1} for `ensure_topics`.
+    The dead-letter topic has one partition: it is read by people, in order, not by a group."""
+    return {topic: trajectory_partitions(partitions), dlq_topic: 1}
+
+
+def ensure_trajectory_topics(bootstrap: str, partitions: int | None = None, replication: int = 1,
+                             topic: str = DEFAULT_TOPIC, dlq_topic: str = DEAD_LETTER_TOPIC) -> list[str]:
+    """Create the trajectory and dead-letter topics where missing (idempotent); see `trajectory_topics`."""
+    return ensure_topics(bootstrap, trajectory_topics(partitions, topic, dlq_topic), replication)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m message_bus.topics --bootstrap-servers HOST:PORT [--partitions N] [--replication R]`."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m message_bus.topics",
+                                 description="Create the trajectory and dead-letter topics where missing.")
+    ap.add_argument("--bootstrap-servers", required=True)
+    ap.add_argument("--partitions", type=int, default=None,
+                    help=f"of the trajectory topic (default: ${PARTITIONS_ENV}, else {DEFAULT_PARTITIONS})")
+    ap.add_argument("--replication", type=int, default=1)
+    ap.add_argument("--topic", default=DEFAULT_TOPIC)
+    ap.add_argument("--dlq-topic", default=DEAD_LETTER_TOPIC)
+    args = ap.parse_args(argv)
+    try:
+        created = ensure_trajectory_topics(args.bootstrap_servers, args.partitions, args.replication,
+                                           args.topic, args.dlq_topic)
+    except ShadowDistillError as exc:
+        print(f"python -m message_bus.topics: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"created": created, "topics": trajectory_topics(args.partitions, args.topic, args.dlq_topic)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
