@@ -12,6 +12,7 @@ Row conversions check every array length against the count stored beside it (`sc
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -21,16 +22,20 @@ from foundation.errors import AlignmentError, StoreError
 from schemas.arrays import pack_floats, pack_ids, unpack_floats, unpack_ids
 from schemas.prompts import prompt_hash
 from schemas.tables import TeacherScoreRow, TrajectoryRow
-from schemas.trajectory import SamplingParams, TrajectoryV1
+from schemas.trajectory import ChatMessage, SamplingParams, Trajectory, TrajectoryV1, TrajectoryV2
 
 
 @dataclass
 class TeacherScores:
-    """The teacher's view of one trajectory's completion: one logprob per completion token (+ optional top-k)."""
+    """The teacher's view of one trajectory's completion: one logprob per completion token (+ optional top-k).
+
+    A teacher of another tokenizer gives, per student token, its span's share of the span's teacher logprob and
+    the span ids (`span_id_C`; model_runtime.xtok); None: the same tokenizer, one span per token."""
 
     teacher_logprobs_C: np.ndarray
     topk_ids_CK: np.ndarray | None = None
     topk_logprobs_CK: np.ndarray | None = None
+    span_id_C: np.ndarray | None = None
 
     @property
     def topk(self) -> int:
@@ -63,6 +68,7 @@ class ScoredTrajectory:
     request_id: str = ""
     choice_index: int = 0
     shadow: bool = False
+    student_tokenizer_fingerprint: str | None = None  # cross-tokenizer scores: the tokenizer they were projected on
 
     def __post_init__(self) -> None:
         if not self.prompt_hash:
@@ -73,7 +79,7 @@ class ScoredTrajectory:
 class LoggedTrajectory:
     """A trajectory and its place in the log (None for one that did not come from Kafka)."""
 
-    trajectory: TrajectoryV1
+    trajectory: Trajectory
     partition: int | None = None
     offset: int | None = None
 
@@ -118,7 +124,7 @@ def _review_text(text: str | None) -> str | None:
     return None if text is None else text.replace("\x00", "\ufffd")
 
 
-def trajectory_row(t: TrajectoryV1, now: datetime, partition: int | None = None, offset: int | None = None,
+def trajectory_row(t: Trajectory, now: datetime, partition: int | None = None, offset: int | None = None,
                    watermark: datetime | None = None) -> dict:
     sp = t.sampling
     return {
@@ -133,28 +139,48 @@ def trajectory_row(t: TrajectoryV1, now: datetime, partition: int | None = None,
         "completion_text": _review_text(t.completion_text), "schema_version": t.schema_version,
         "prompt_hash": prompt_hash(t.prompt_token_ids), "log_partition": partition, "log_offset": offset,
         "landed_watermark": watermark, "sampling_json": sp.model_dump_json(), "user_hash": t.user_hash,
-        "shadow": t.shadow,
+        "shadow": t.shadow, **_v2_columns(t),
     }
 
 
-def score_row(traj: TrajectoryV1, scores: TeacherScores, teacher_id: str, now: datetime,
-              tokenizer_fingerprint: str | None, teacher_temperature: float | None) -> dict:
+def _v2_columns(t: Trajectory) -> dict:
+    """The columns only a v2 message fills (migration 0008); NULL for v1. Every row has every key: a batch of
+    rows is one executemany, whose statement the first row's keys decide."""
+    if not isinstance(t, TrajectoryV2):
+        return dict.fromkeys(("prompt_kind", "messages_json", "add_generation_prompt", "continue_final_message",
+                              "completion_offsets"))
+    chat = t.prompt_kind == "chat"
+    return {"prompt_kind": t.prompt_kind,
+            "messages_json": None if t.messages is None else json.dumps([m.model_dump(exclude_none=True)
+                                                                          for m in t.messages]),
+            "add_generation_prompt": t.add_generation_prompt if chat else None,
+            "continue_final_message": t.continue_final_message if chat else None,
+            "completion_offsets": None if t.completion_offsets is None else pack_ids(t.completion_offsets)}
+
+
+def score_row(traj: Trajectory, scores: TeacherScores, teacher_id: str, now: datetime,
+              tokenizer_fingerprint: str | None, teacher_temperature: float | None,
+              student_tokenizer_fingerprint: str | None = None) -> dict:
     """The `teacher_scores` row of one scored trajectory; a length that disagrees is an `AlignmentError`."""
     n = len(traj.completion_token_ids)
     if scores.teacher_logprobs_C.shape != (n,):
         raise AlignmentError(f"{traj.trajectory_id}: {scores.teacher_logprobs_C.shape} teacher logprobs for {n} tokens")
+    if scores.span_id_C is not None and scores.span_id_C.shape != (n,):
+        raise AlignmentError(f"{traj.trajectory_id}: {scores.span_id_C.shape} span ids for {n} tokens")
     return {
         "trajectory_id": traj.trajectory_id, "teacher_id": teacher_id, "scored_at": now, "n_tokens": n,
         "teacher_logprobs": pack_floats(scores.teacher_logprobs_C), "topk": scores.topk,
         "topk_token_ids": None if scores.topk_ids_CK is None else pack_ids(scores.topk_ids_CK.ravel()),
         "topk_logprobs": None if scores.topk_logprobs_CK is None else pack_floats(scores.topk_logprobs_CK.ravel()),
         "tokenizer_fingerprint": tokenizer_fingerprint, "teacher_temperature": teacher_temperature,
+        "span_ids": None if scores.span_id_C is None else pack_ids(scores.span_id_C),
+        "student_tokenizer_fingerprint": student_tokenizer_fingerprint,
     }
 
 
 def score_payload_bytes(row: dict) -> int:
     """Bytes of the arrays one `teacher_scores` row stores (what grows with the completion and with k)."""
-    return sum(len(row[k] or b"") for k in ("teacher_logprobs", "topk_token_ids", "topk_logprobs"))
+    return sum(len(row.get(k) or b"") for k in ("teacher_logprobs", "topk_token_ids", "topk_logprobs", "span_ids"))
 
 
 def sampling(r: TrajectoryRow) -> SamplingParams:
@@ -166,11 +192,11 @@ def sampling(r: TrajectoryRow) -> SamplingParams:
                           seed=r.seed)
 
 
-def message(r: TrajectoryRow) -> TrajectoryV1:
-    """Rebuild the logged message from its stored row (length-checked arrays, UTC timestamps)."""
+def message(r: TrajectoryRow) -> Trajectory:
+    """Rebuild the logged message, v1 or v2, from its stored row (length-checked arrays, UTC timestamps)."""
     n = r.n_completion_tokens
-    return TrajectoryV1(
-        schema_version=r.schema_version, trajectory_id=r.trajectory_id, request_id=r.request_id,
+    common = dict(
+        trajectory_id=r.trajectory_id, request_id=r.request_id,
         choice_index=r.choice_index, created_at=utc(r.created_at), caller_hash=r.caller_hash,
         base_model_id=r.base_model_id, adapter_version=r.adapter_version,
         sampling=sampling(r), user_hash=r.user_hash, shadow=bool(r.shadow),
@@ -179,6 +205,16 @@ def message(r: TrajectoryRow) -> TrajectoryV1:
         behaviour_logprobs=unpack_floats(r.behaviour_logprobs, n, "behaviour logprobs").tolist(),
         logprob_kind=r.logprob_kind, finish_reason=r.finish_reason,
         prompt_text=r.prompt_text, completion_text=r.completion_text,
+    )
+    if r.schema_version != 2:
+        return TrajectoryV1(**common)
+    chat = r.prompt_kind == "chat"
+    return TrajectoryV2(
+        **common, prompt_kind=r.prompt_kind,
+        messages=None if r.messages_json is None else [ChatMessage(**m) for m in json.loads(r.messages_json)],
+        add_generation_prompt=bool(r.add_generation_prompt) if chat else True,
+        continue_final_message=bool(r.continue_final_message) if chat else False,
+        completion_offsets=None if r.completion_offsets is None else unpack_ids(r.completion_offsets, n, "offsets"),
     )
 
 
@@ -197,8 +233,9 @@ def scored(t: TrajectoryRow, sc: TeacherScoreRow) -> ScoredTrajectory:
         prompt_ids=unpack_ids(t.prompt_token_ids, t.n_prompt_tokens, "prompt ids"),
         completion_ids=unpack_ids(t.completion_token_ids, n, "completion ids"),
         behaviour_logprobs_C=unpack_floats(t.behaviour_logprobs, n, "behaviour logprobs"),
-        teacher=TeacherScores(unpack_floats(sc.teacher_logprobs, n, "teacher logprobs"), topk_ids, topk_lps),
+        teacher=TeacherScores(unpack_floats(sc.teacher_logprobs, n, "teacher logprobs"), topk_ids, topk_lps,
+                              None if sc.span_ids is None else np.asarray(unpack_ids(sc.span_ids, n, "span ids"))),
         base_model_id=t.base_model_id, prompt_hash=t.prompt_hash, tokenizer_fingerprint=sc.tokenizer_fingerprint,
         teacher_temperature=sc.teacher_temperature, request_id=t.request_id, choice_index=t.choice_index,
-        shadow=bool(t.shadow),
+        shadow=bool(t.shadow), student_tokenizer_fingerprint=sc.student_tokenizer_fingerprint,
     )

@@ -53,7 +53,7 @@ from schemas.tables import (
     TrainingManifestRow,
     TrajectoryRow,
 )
-from schemas.trajectory import TrajectoryV1
+from schemas.trajectory import Trajectory
 
 
 @dataclass(frozen=True)
@@ -155,14 +155,17 @@ class FeatureStore:
             self._record_progress(s, progress, now)
             return new
 
-    def write_scores(self, items: Sequence[tuple[TrajectoryV1, TeacherScores]], teacher_id: str, *,
+    def write_scores(self, items: Sequence[tuple[Trajectory, TeacherScores]], teacher_id: str, *,
                      tokenizer_fingerprint: str | None = None, teacher_temperature: float | None = None,
-                     rejected: Sequence[tuple[str, str]] = ()) -> ScoresWritten:
+                     rejected: Sequence[tuple[str, str]] = (),
+                     student_tokenizer_fingerprint: str | None = None) -> ScoresWritten:
         """Store the teacher's scores of landed trajectories and its refusals (trajectory_id, reason) in one
         transaction: one scoring step commits as a whole. Each score row is stamped with the teacher's
-        tokenizer fingerprint and temperature, which the trainer checks against its student."""
+        tokenizer fingerprint and temperature, which the trainer checks against its student (and, for a teacher
+        of another tokenizer, the student tokenizer its span scores were projected onto)."""
         now = datetime.now(UTC)
-        rows = [score_row(t, sc, teacher_id, now, tokenizer_fingerprint, teacher_temperature) for t, sc in items]
+        rows = [score_row(t, sc, teacher_id, now, tokenizer_fingerprint, teacher_temperature,
+                          student_tokenizer_fingerprint) for t, sc in items]
         refusals = [{"trajectory_id": tid, "teacher_id": teacher_id, "reason": reason.replace("\x00", "\ufffd")[:2000],
                      "rejected_at": now} for tid, reason in rejected]
         with Session(self.engine) as s, s.begin():
@@ -171,13 +174,15 @@ class FeatureStore:
         return ScoresWritten(new_scores, new_rejections, sum(score_payload_bytes(r) for r in rows),
                              sum(r["n_tokens"] for r in rows))
 
-    def ingest_scored(self, items: Sequence[tuple[TrajectoryV1, TeacherScores]], teacher_id: str, *,
-                      tokenizer_fingerprint: str | None = None, teacher_temperature: float | None = None) -> int:
+    def ingest_scored(self, items: Sequence[tuple[Trajectory, TeacherScores]], teacher_id: str, *,
+                      tokenizer_fingerprint: str | None = None, teacher_temperature: float | None = None,
+                      student_tokenizer_fingerprint: str | None = None) -> int:
         """Store trajectories and their teacher scores in one transaction; return how many scores were new.
 
         For writers that score in-process (tests, benches); the scorer service lands first and scores later."""
         now = datetime.now(UTC)
-        score_rows = [score_row(t, sc, teacher_id, now, tokenizer_fingerprint, teacher_temperature) for t, sc in items]
+        score_rows = [score_row(t, sc, teacher_id, now, tokenizer_fingerprint, teacher_temperature,
+                                student_tokenizer_fingerprint) for t, sc in items]
         traj_rows = [trajectory_row(t, now) for t, _ in items]
         with Session(self.engine) as s, s.begin():
             traj_rows = self._not_erased(s, traj_rows)
@@ -352,7 +357,7 @@ class FeatureStore:
             return [(scored(a, sa), scored(b, sb)) for a, sa, b, sb in s.execute(q).all()]
 
     def unscored(self, teacher_id: str, since: datetime | None = None, until: datetime | None = None, *,
-                 after: tuple[datetime, str] | None = None, limit: int = 256) -> list[TrajectoryV1]:
+                 after: tuple[datetime, str] | None = None, limit: int = 256) -> list[Trajectory]:
         """Stored trajectories of [since, until) that `teacher_id` has neither scored nor refused, oldest first,
         after the keyset `after` = (created_at, trajectory_id) of the previous page: what a backfill with a new
         teacher reads."""

@@ -78,3 +78,22 @@ def build_tiny_pair(out: Path, seed: int = 0, n_layers: int = 4, drop: tuple[int
     tok.save_pretrained(student_dir)
     ModelMeta(student_id("tiny-teacher", list(drop)), "student", "tiny-teacher", tuple(drop)).write(student_dir)
     return teacher_dir, student_dir
+
+
+def build_tiny_cross_teacher(out: Path, seed: int = 1, n_layers: int = 2, init_std: float = 0.2) -> Path:
+    """Write `out` (and return it): a tiny random Llama on a Gemma-like byte-fallback tokenizer with Gemma's chat
+    template (`model_runtime.gemma.tiny_gemma_tokenizer`): a teacher of ANOTHER tokenizer for the tiny students,
+    what the cross-tokenizer paths (model_runtime.xtok) are unit-tested with."""
+    from model_runtime.gemma import tiny_gemma_tokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = tiny_gemma_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(len(tok), n_layers, init_std))
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    ModelMeta("tiny-gemma-like", "teacher").write(out)
+    return out

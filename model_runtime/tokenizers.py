@@ -57,7 +57,8 @@ def require_shared_tokenizer(student_folder: str | Path, teacher_fingerprint: st
     """The student's fingerprint, once checked equal to the teacher's; else a `ConfigError` naming both sides.
 
     The scorer (at start-up) and the trainer (before a night) both refuse a teacher that does not share the
-    student's tokenizer: its logprobs of the student's token ids would score other tokens."""
+    student's tokenizer unless told it is a cross-tokenizer teacher: its logprobs of the student's token ids
+    would score other tokens."""
     from foundation.errors import ConfigError
 
     student_fp = folder_fingerprint(student_folder)
@@ -65,5 +66,6 @@ def require_shared_tokenizer(student_folder: str | Path, teacher_fingerprint: st
         raise ConfigError(
             f"teacher {teacher} (tokenizer fingerprint {teacher_fingerprint}) does not share the student's tokenizer "
             f"({student_folder}, fingerprint {student_fp}): its logprobs would score other tokens than the "
-            "student produced")
+            "student produced. A teacher of another model family is scored over aligned text spans: enable "
+            "cross_tokenizer (the scorer's --cross-tokenizer, the nightly file's \"cross_tokenizer\": true)")
     return student_fp

@@ -149,6 +149,10 @@ class NightlyConfig(StrictConfig):
     student_dir: Path = Field(description="Student base model folder.")
     teacher_dir: Path = Field(description="Teacher model folder (rollouts and the evaluators run it in-process).")
     teacher_id: str = Field(min_length=1, description="Whose stored scores to train on.")
+    cross_tokenizer: bool = Field(False, description=(
+        "Allow a teacher whose tokenizer is not the student's (another model family): its scores are over aligned "
+        "character spans (model_runtime.xtok), rule 1 and rollouts train on span advantages, and the top-k rules "
+        "(analytic KL, GKD) are off. False refuses such a teacher, naming both tokenizers."))
     runs_dir: Path = Field(description="Working folders, one per interval (checkpoints, adapters, reports).")
     experiment: str = Field("shadow-distill-nightly", min_length=1, description="MLflow experiment of the runs.")
     coverage_threshold: float = Field(0.99, gt=0.0, le=1.0, description="Scored (or refused) fraction of the "

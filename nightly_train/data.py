@@ -44,6 +44,11 @@ class Example:
     topk_ids_CK: np.ndarray | None
     topk_lp_CK: np.ndarray | None
     staleness: int | None
+    span_id_C: np.ndarray | None = None  # a teacher of another tokenizer: each token's span (None: one per token)
+
+    def spans(self) -> np.ndarray:
+        """Span ids for the span advantage: the stored ones, or one span per token."""
+        return self.span_id_C if self.span_id_C is not None else np.arange(len(self.completion_ids), dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -105,10 +110,14 @@ def policy_kind(staleness: int | None, max_staleness: int) -> str:
 
 
 def belongs(t: ScoredTrajectory, prov: Provenance, teacher_temperature_tol: float = 1e-6) -> str | None:
-    """None when `t` may be trained on by this student, else the exclusion reason."""
+    """None when `t` may be trained on by this student, else the exclusion reason.
+
+    The scores must be per token of THIS student's tokenizer: a same-tokenizer teacher's fingerprint is the
+    student's; a teacher of another tokenizer stamps the student tokenizer it projected its spans onto."""
     if t.base_model_id != prov.student_base:
         return "excluded_other_base"
-    if prov.tokenizer_fingerprint is not None and t.tokenizer_fingerprint != prov.tokenizer_fingerprint:
+    scored_for = t.student_tokenizer_fingerprint or t.tokenizer_fingerprint
+    if prov.tokenizer_fingerprint is not None and scored_for != prov.tokenizer_fingerprint:
         # None: scores stored before fingerprints were recorded; unverifiable is not a match
         return "excluded_tokenizer_mismatch"
     if t.teacher_temperature is None or abs(t.teacher_temperature - prov.teacher_temperature) > teacher_temperature_tol:
@@ -140,7 +149,8 @@ def build_examples(trajectories: list[ScoredTrajectory], cfg: TrainConfig, prov:
     cut = cfg.max_completion_tokens
     for t in trajectories:
         rule, reason = choose_rule(t, cfg, prov)
-        n = min(len(t.completion_ids), cut)
+        spans_C = t.teacher.span_id_C
+        n = min(len(t.completion_ids), cut) if spans_C is None else span_cut(spans_C, cut)
         staleness = prov.lineage.staleness(t.adapter_version)
         report.trajectories[reason] += 1
         report.tokens[reason] += n
@@ -152,9 +162,17 @@ def build_examples(trajectories: list[ScoredTrajectory], cfg: TrainConfig, prov:
             behaviour_lp_C=t.behaviour_logprobs_C[:n], teacher_lp_C=t.teacher.teacher_logprobs_C[:n],
             topk_ids_CK=None if t.teacher.topk_ids_CK is None else t.teacher.topk_ids_CK[:n],
             topk_lp_CK=None if t.teacher.topk_logprobs_CK is None else t.teacher.topk_logprobs_CK[:n],
-            staleness=staleness,
+            staleness=staleness, span_id_C=None if spans_C is None else spans_C[:n],
         ))
     return examples, report
+
+
+def span_cut(span_id_C: np.ndarray, cut: int) -> int:
+    """How many tokens to keep under a cap of `cut` without splitting a span: a span's teacher logprob is only
+    known whole, so a span the cap would cut is left out with everything after it."""
+    if len(span_id_C) <= cut:
+        return len(span_id_C)
+    return int(np.searchsorted(span_id_C, span_id_C[cut], side="left"))
 
 
 def rollout_prompts(trajectories: list[ScoredTrajectory], prov: Provenance) -> list[list[int]]:

@@ -16,6 +16,10 @@ What makes two evaluations comparable prompt by prompt (the gate's paired tests)
 - `heldout_fingerprint` names prompts, seeds, sample count, length and teacher temperature: values pair only
   under equal fingerprints.
 
+A teacher of another tokenizer (`nightly_train.teacher_bridge.TeacherBridge`) is met over aligned character spans:
+the teacher scores the student's samples re-rendered in its own template, the student scores the teacher's samples
+re-rendered in the student's, and both KLs are the exact sequence-level values divided by the scored side's tokens.
+
     ref = teacher_reference(teacher, tok, prompts, samples_per_prompt=4, max_tokens=64, seed=0)
     metrics = evaluate_distillation(student, teacher, tok, prompts, max_tokens=64, seed=0, samples_per_prompt=4,
                                     reference=ref)
@@ -37,6 +41,7 @@ from model_runtime.chat import user_prompt_ids
 from model_runtime.logprobs import completion_logprobs
 from model_runtime.models import eos_token_ids
 from model_runtime.sampling import DecodeParams, sample
+from nightly_train.teacher_bridge import TeacherBridge
 
 TEACHER_STREAM = 1 << 24  # seed offset of the teacher's samples (its own stream, never a student's seed)
 
@@ -56,11 +61,13 @@ class DistillMetrics:
     per_prompt_tokens: tuple[int, ...] = ()
     samples_per_prompt: int = 1
     heldout_set: str = ""
+    unaligned_samples: int = 0  # a teacher of another tokenizer: samples left out, unalignable (0 otherwise)
 
     def as_metrics(self, prefix: str = "") -> dict[str, float]:
         """The aggregate numbers (for MLflow metrics): per-prompt values and texts are left out."""
         return {f"{prefix}{k}": float(getattr(self, k)) for k in
-                ("reverse_kl", "reverse_kl_se", "forward_kl", "forward_kl_se", "distinct_2", "n_tokens")}
+                ("reverse_kl", "reverse_kl_se", "forward_kl", "forward_kl_se", "distinct_2", "n_tokens",
+                 "unaligned_samples")}
 
     def per_prompt(self) -> dict:
         """What `gate.HeldoutPerPrompt.from_distill` reads back (JSON-ready)."""
@@ -140,20 +147,72 @@ def score_samples(model, prompts: Sequence[Sequence[int]], completions: Sequence
 
 @dataclass
 class TeacherReference:
-    """The teacher's own samples and its logprobs on them: drawn once, scored by every student (forward KL)."""
+    """The teacher's own samples and its logprobs on them: drawn once, scored by every student (forward KL).
+
+    `prompts` and `completions` are in the teacher's tokens (its own chat template when its tokenizer differs)."""
 
     completions: list[list[list[int]]]
     teacher_lp: list[list[torch.Tensor]] = field(repr=False)
     temperature: float
+    prompts: list[list[int]] = field(default_factory=list, repr=False)
+
+
+def as_bridge(teacher, tokenizer) -> TeacherBridge:
+    """A teacher model of the student's tokenizer, or a `TeacherBridge` (any tokenizer) passed through."""
+    return teacher if isinstance(teacher, TeacherBridge) else TeacherBridge.shared(teacher, tokenizer)
 
 
 @torch.no_grad()
 def teacher_reference(teacher, tokenizer, prompts: list[list[int]], *, samples_per_prompt: int, max_tokens: int,
                       seed: int, temperature: float = 1.0) -> TeacherReference:
-    pad_id, eos = tokenizer.pad_token_id, eos_token_ids(tokenizer, teacher)
-    comps = draw_samples(teacher, prompts, pad_id, eos, samples_per_prompt=samples_per_prompt, max_tokens=max_tokens,
-                         seed=seed + TEACHER_STREAM, temperature=temperature)
-    return TeacherReference(comps, score_samples(teacher, prompts, comps, pad_id, temperature=temperature), temperature)
+    bridge = as_bridge(teacher, tokenizer)
+    t_prompts = [bridge.teacher_prompt_ids(p) for p in prompts]
+    comps = draw_samples(bridge.teacher, t_prompts, bridge.pad_id, bridge.teacher_stop_ids,
+                         samples_per_prompt=samples_per_prompt, max_tokens=max_tokens, seed=seed + TEACHER_STREAM,
+                         temperature=temperature)
+    return TeacherReference(comps, score_samples(bridge.teacher, t_prompts, comps, bridge.pad_id,
+                                                 temperature=temperature), temperature, t_prompts)
+
+
+def teacher_scores_of_samples(bridge: TeacherBridge, prompts: Sequence[Sequence[int]],
+                              completions: Sequence[Sequence[Sequence[int]]], *, temperature: float
+                              ) -> list[list[torch.Tensor | None]]:
+    """Per [prompt][sample] of the student, the teacher's logprobs per student token (span shares when the
+    tokenizers differ); None for a sample that cannot be aligned; empty for an empty sample."""
+    rows = [(i, j) for i, comps in enumerate(completions) for j, c in enumerate(comps) if c]
+    out: list[list[torch.Tensor | None]] = [[torch.zeros(0, dtype=torch.float64) for _ in c] for c in completions]
+    scored = bridge.score([prompts[i] for i, _ in rows], [completions[i][j] for i, j in rows], temperature=temperature)
+    for (i, j), sc in zip(rows, scored, strict=True):
+        out[i][j] = None if sc is None else sc.teacher_logprobs_C
+    return out
+
+
+def student_scores_of_reference(bridge: TeacherBridge, student, reference: TeacherReference, pad_id: int
+                                ) -> list[list[torch.Tensor | None]]:
+    """Per [prompt][sample] of the teacher, the student's logprobs per teacher token (None: not alignable)."""
+    rows = [(i, j) for i, comps in enumerate(reference.completions) for j, c in enumerate(comps) if c]
+    out: list[list[torch.Tensor | None]] = [[torch.zeros(0, dtype=torch.float64) for _ in c]
+                                            for c in reference.completions]
+    scored = bridge.student_scores_of_teacher(student, [reference.prompts[i] for i, _ in rows],
+                                              [reference.completions[i][j] for i, j in rows], pad_id)
+    for (i, j), sc in zip(rows, scored, strict=True):
+        out[i][j] = sc
+    return out
+
+
+def _differences(a: list[list[torch.Tensor | None]], b: list[list[torch.Tensor | None]]
+                 ) -> tuple[list[list[torch.Tensor]], int]:
+    """a - b per [prompt][sample], leaving out samples either side could not align; (differences, left out)."""
+    diffs, left_out = [], 0
+    for xs, ys in zip(a, b, strict=True):
+        row = []
+        for x, y in zip(xs, ys, strict=True):
+            if x is None or y is None:
+                left_out += 1
+            else:
+                row.append(x - y)
+        diffs.append(row)
+    return diffs, left_out
 
 
 def _per_prompt_means(diffs: list[list[torch.Tensor]]) -> tuple[list[torch.Tensor], list[float]]:
@@ -166,23 +225,29 @@ def evaluate_distillation(student, teacher, tokenizer, prompts: list[list[int]],
                           seed: int = 0, greedy_prompt: str | None = None, teacher_temperature: float = 1.0,
                           samples_per_prompt: int = 1, reference: TeacherReference | None = None) -> DistillMetrics:
     """Reverse and forward KL against the teacher at `teacher_temperature` (what training matched the student to),
-    overall and per prompt. Pass the same `reference` (and seeds) to every model that is to be compared."""
+    overall and per prompt. Pass the same `reference` (and seeds) to every model that is to be compared.
+
+    `teacher` is a model of the student's tokenizer or a `TeacherBridge` (a teacher of another tokenizer: both
+    KLs are then sequence-level per token, over aligned spans; samples that cannot be aligned are left out and
+    counted in `unaligned_samples`)."""
     was_training = student.training
     student.eval()
+    bridge = as_bridge(teacher, tokenizer)
     pad_id, eos = tokenizer.pad_token_id, eos_token_ids(tokenizer, student)
     k = samples_per_prompt
     own = draw_samples(student, prompts, pad_id, eos, samples_per_prompt=k, max_tokens=max_tokens, seed=seed)
     lp_self = score_samples(student, prompts, own, pad_id)
-    lp_teacher = score_samples(teacher, prompts, own, pad_id, temperature=teacher_temperature)
-    rkl_rows, rkl_pp = _per_prompt_means([[a - b for a, b in zip(s, t)] for s, t in zip(lp_self, lp_teacher)])
+    lp_teacher = teacher_scores_of_samples(bridge, prompts, own, temperature=teacher_temperature)
+    rkl_diffs, unaligned_own = _differences(lp_self, lp_teacher)
+    rkl_rows, rkl_pp = _per_prompt_means(rkl_diffs)
     if reference is None:
-        reference = teacher_reference(teacher, tokenizer, prompts, samples_per_prompt=k, max_tokens=max_tokens,
+        reference = teacher_reference(bridge, tokenizer, prompts, samples_per_prompt=k, max_tokens=max_tokens,
                                       seed=seed, temperature=teacher_temperature)
     if len(reference.completions) != len(prompts) or any(len(c) != k for c in reference.completions):
         raise ValueError("the teacher reference was drawn for other prompts or another sample count")
-    lp_student_on_teacher = score_samples(student, prompts, reference.completions, pad_id)
-    fkl_rows, fkl_pp = _per_prompt_means([[t - s for t, s in zip(ts, ss)]
-                                          for ts, ss in zip(reference.teacher_lp, lp_student_on_teacher)])
+    lp_student_on_teacher = student_scores_of_reference(bridge, student, reference, pad_id)
+    fkl_diffs, unaligned_ref = _differences(reference.teacher_lp, lp_student_on_teacher)
+    fkl_rows, fkl_pp = _per_prompt_means(fkl_diffs)
     rkl, rkl_se, n_tokens = token_weighted_mean_and_se(rkl_rows)
     fkl, fkl_se, _ = token_weighted_mean_and_se(fkl_rows)
     d2_pp = [sum(distinct_n([c], 2) for c in comps) / len(comps) if comps else float("nan") for comps in own]
@@ -194,7 +259,7 @@ def evaluate_distillation(student, teacher, tokenizer, prompts: list[list[int]],
                                       teacher_temperature=teacher_temperature)
     return DistillMetrics(rkl, rkl_se, fkl, fkl_se, distinct_n([c for comps in own for c in comps], 2), n_tokens,
                           greedy, tuple(rkl_pp), tuple(fkl_pp), tuple(d2_pp), tuple(int(x.numel()) for x in rkl_rows),
-                          k, fingerprint)
+                          k, fingerprint, unaligned_own + unaligned_ref)
 
 
 def greedy_generate_fn(model, tokenizer, max_tokens: int, batch_size: int = 8) -> Callable[[list[str]], list[str]]:

@@ -16,6 +16,10 @@ on reused or stale logs and push the policy away from the adapter that logged th
   (as verl's rollout correction does): every token keeps its policy gradient, above the cap with weight c;
 - `clip`: PPO's pessimistic -mean_t min(w_t A_t, clip(w_t, 1 +- eps) A_t), kept as an option.
 
+A teacher with another tokenizer scores spans, not tokens (model_runtime.xtok.spans): pass `span_id_BC` and every
+student token of span s gets the span's whole advantage coef * (T_s - S_s), S_s with the current policy's
+logprobs (`span_reverse_kl_advantage`); with one span per token it is the advantage above.
+
 Rule 2, any decoding (greedy included): the analytic reverse KL per visited state over the teacher's stored
 top-k support plus one explicit "tail" bucket (all other tokens), so both distributions are compared on the same
 K + 1 outcomes. That coarse-grained KL never exceeds the full one (data-processing inequality), and it is exact
@@ -29,6 +33,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from model_runtime.xtok.spans import span_advantages
 
 RatioMode = Literal["none", "truncate", "clip"]
 _TAIL_EPS = 1e-6
@@ -53,6 +59,12 @@ def reverse_kl_advantage(teacher_lp_BC: torch.Tensor, current_lp_BC: torch.Tenso
     that sampled it): the behaviour logprob belongs in the importance weight only."""
     teacher, current = masked(teacher_lp_BC, mask_BC), masked(current_lp_BC.detach(), mask_BC)
     return (coef * (teacher - current)).detach()
+
+
+def span_reverse_kl_advantage(span_id_BC: torch.Tensor, teacher_share_BC: torch.Tensor, current_lp_BC: torch.Tensor,
+                              mask_BC: torch.Tensor, coef: float = 1.0) -> torch.Tensor:
+    """Per student token, coef * (its span's teacher logprob - the current policy's logprob of the span), detached."""
+    return (coef * span_advantages(span_id_BC, teacher_share_BC, current_lp_BC.detach(), mask_BC)).detach()
 
 
 @dataclass
@@ -109,11 +121,16 @@ def importance_sampling_loss(
 
 def sampled_token_loss(new_lp_BC: torch.Tensor, behaviour_lp_BC: torch.Tensor, teacher_lp_BC: torch.Tensor,
                        mask_BC: torch.Tensor, *, coef: float = 1.0, mode: RatioMode = "truncate",
-                       ratio_max: float = 2.0, clip_eps: float = 0.2) -> tuple[torch.Tensor, ISLossStats]:
+                       ratio_max: float = 2.0, clip_eps: float = 0.2, span_id_BC: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, ISLossStats]:
     """Rule 1 in one call: the current-policy advantage, importance-weighted against the behaviour policy.
 
-    For fresh rollouts pass `behaviour_lp_BC = new_lp_BC.detach()` (sampled by this very policy: w_t = 1)."""
-    adv_BC = reverse_kl_advantage(teacher_lp_BC, new_lp_BC, mask_BC, coef)
+    For fresh rollouts pass `behaviour_lp_BC = new_lp_BC.detach()` (sampled by this very policy: w_t = 1).
+    `span_id_BC`: a teacher of another tokenizer (its `teacher_lp_BC` are span shares): span advantages."""
+    if span_id_BC is None:
+        adv_BC = reverse_kl_advantage(teacher_lp_BC, new_lp_BC, mask_BC, coef)
+    else:
+        adv_BC = span_reverse_kl_advantage(span_id_BC, teacher_lp_BC, new_lp_BC, mask_BC, coef)
     return importance_sampling_loss(new_lp_BC, behaviour_lp_BC, adv_BC, mask_BC, mode=mode, ratio_max=ratio_max,
                                     clip_eps=clip_eps)
 

@@ -164,13 +164,17 @@ def _open_run(night: Night, champion_version: str | None) -> str:
 def provenance(night: Night, champion_version: str | None):
     """What the night's trajectories must match (the student's base, tokenizer and teacher temperature), and the
     registry's lineage tree, from which a sample's staleness is measured. The teacher's tokenizer must be the
-    student's: a mismatch is refused here, naming both fingerprints."""
+    student's unless `cross_tokenizer` is set: a mismatch is refused here, naming both fingerprints."""
     from model_runtime.models import ModelMeta
     from model_runtime.tokenizers import folder_fingerprint, require_shared_tokenizer
     from nightly_train.data import PolicyLineage, Provenance
 
     cfg = night.cfg
-    fingerprint = require_shared_tokenizer(cfg.student_dir, folder_fingerprint(cfg.teacher_dir), str(cfg.teacher_dir))
+    if cfg.cross_tokenizer:
+        fingerprint = folder_fingerprint(cfg.student_dir)  # cross rows stamp the student tokenizer they project onto
+    else:
+        fingerprint = require_shared_tokenizer(cfg.student_dir, folder_fingerprint(cfg.teacher_dir),
+                                               str(cfg.teacher_dir))
     return Provenance(student_base=ModelMeta.read(cfg.student_dir).model_id, tokenizer_fingerprint=fingerprint,
                       teacher_temperature=cfg.train.teacher_temperature,
                       lineage=PolicyLineage(champion_version, night.registry().lineage_parents()))
@@ -214,6 +218,7 @@ def fit(night: Night, run_id: str) -> None:
                                teacher_dir=cfg.teacher_dir, output_dir=layout.train_dir,
                                init_adapter=champion_adapter(night, manifest.champion_version))
     prov = provenance(night, manifest.champion_version)
+    tcfg = without_topk_rules(tcfg) if cross_tokenizer_teacher(cfg) else tcfg
     trajectories = night.store.load_scored(train_ids[-tcfg.max_trajectories:], cfg.teacher_id)
     examples, report = build_examples(trajectories, tcfg, prov)
     prompts = rollout_prompts(trajectories, prov)
@@ -247,6 +252,23 @@ def fit(night: Night, run_id: str) -> None:
         layout.history_file.write_text(json.dumps(result.history))
 
 
+def cross_tokenizer_teacher(cfg: NightlyConfig) -> bool:
+    from model_runtime.tokenizers import folder_fingerprint
+
+    return cfg.cross_tokenizer and folder_fingerprint(cfg.student_dir) != folder_fingerprint(cfg.teacher_dir)
+
+
+def without_topk_rules(tcfg: TrainConfig) -> TrainConfig:
+    """The top-k rules compare next-token distributions over one vocabulary, which a teacher of another tokenizer
+    does not share: train with rule 1 (span advantages) and rollouts only, and say so."""
+    if tcfg.loss == "sampled_token" and not tcfg.gkd.enabled:
+        log.info("cross-tokenizer teacher: training on span advantages (rule 1, rollouts); top-k rules are off")
+        return tcfg
+    log.warning("cross-tokenizer teacher: top-k rules are off (loss %s -> sampled_token, gkd off): they need one "
+                "vocabulary; training on span advantages (rule 1, rollouts)", tcfg.loss)
+    return tcfg.model_copy(update={"loss": "sampled_token", "gkd": tcfg.gkd.model_copy(update={"enabled": False})})
+
+
 def _fit_under_torchrun(night: Night, run_id: str, processes: int) -> None:
     """`fit` on `processes` ranks (torchrun, one host). The night's config travels as a private temporary file: it
     holds the store URL, a secret."""
@@ -278,10 +300,11 @@ def evaluate(night: Night, trained: Trained) -> Evaluation:
     and are scored against one set of teacher samples (forward KL), so the gate compares them prompt by prompt.
     IFEval results are cached by model identity (base id + weights digests): yesterday's candidate, tonight's
     champion, is scored once."""
-    from model_runtime.models import ModelMeta, load_model, load_tokenizer, pick_device
+    from model_runtime.models import ModelMeta, eos_token_ids, load_tokenizer, pick_device
     from nightly_train import ifeval
     from nightly_train.evaluate import (evaluate_distillation, greedy_generate_fn, student_with_adapter,
                                         teacher_reference)
+    from nightly_train.teacher_bridge import TeacherBridge
     from nightly_train.identity import model_identity
     from schemas.trajectory import SamplingParams
 
@@ -296,7 +319,7 @@ def evaluate(night: Night, trained: Trained) -> Evaluation:
         raise GateError(f"interval {night.key} has {len(prompts)} held-out prompts; the KL gate needs at least 2")
     champ_version = manifest.champion_version
     tok = load_tokenizer(cfg.student_dir)
-    teacher = load_model(cfg.teacher_dir, pick_device(cfg.train.device))
+    teacher = TeacherBridge.load(cfg.teacher_dir, tok, eos_token_ids(tok), pick_device(cfg.train.device))
     reference = teacher_reference(teacher, tok, prompts, samples_per_prompt=ev.kl_samples_per_prompt,
                                   max_tokens=ev.kl_max_tokens, seed=ev.seed, temperature=cfg.train.teacher_temperature)
     if_prompts = ifeval.load_prompts(ev.ifeval_path, subset=ev.ifeval_subset, seed=ev.ifeval_seed)

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from model_runtime.logprobs import completion_logprobs
 from nightly_train.gate import rules_from_tags
 from nightly_train.layout import RunLayout
 from nightly_train.results import Evaluation, GateOutcome
@@ -98,21 +97,26 @@ def token_texts(tokenizer, token_ids: Sequence[int]) -> list[str]:
 
 
 def _answers(model, teacher, tokenizer, prompts: list[list[int]], *, max_tokens: int, seed: int) -> list[Answer]:
-    """`model`'s own temperature-1 answers (seed + i for prompt i) and the teacher's logprobs of their tokens."""
+    """`model`'s own temperature-1 answers (seed + i for prompt i) and the teacher's logprobs of their tokens.
+
+    `teacher`: a model of the student's tokenizer or a `TeacherBridge` (another tokenizer: each token shows its
+    span's share, and an answer that cannot be aligned is left empty)."""
     from model_runtime.models import eos_token_ids
     from model_runtime.sampling import DecodeParams, sample
+    from nightly_train.evaluate import as_bridge
 
     params = [DecodeParams(max_tokens=max_tokens, temperature=1.0, seed=seed + i) for i in range(len(prompts))]
     results = sample(model, prompts, params, eos_ids=eos_token_ids(tokenizer, model), pad_id=tokenizer.pad_token_id)
     out = [Answer((), (), (), ())] * len(prompts)
     kept = [i for i, r in enumerate(results) if r.completion_ids]
     if kept:
-        scored = completion_logprobs(teacher, [prompts[i] for i in kept], [results[i].completion_ids for i in kept],
-                                     tokenizer.pad_token_id)
+        scored = as_bridge(teacher, tokenizer).score([prompts[i] for i in kept],
+                                                     [results[i].completion_ids for i in kept])
         for i, t in zip(kept, scored, strict=True):
             ids = results[i].completion_ids
-            out[i] = Answer(tuple(ids), tuple(token_texts(tokenizer, ids)), tuple(results[i].sampled_logprobs),
-                            tuple(t.logprobs_C.tolist()))
+            if t is not None:
+                out[i] = Answer(tuple(ids), tuple(token_texts(tokenizer, ids)), tuple(results[i].sampled_logprobs),
+                                tuple(t.teacher_logprobs_C.tolist()))
     return out
 
 
@@ -378,8 +382,9 @@ def build_review(student_dir: Path, teacher_dir: Path, layout: RunLayout, evalua
                  max_tokens: int = 64, live: Sequence[Any] = ()) -> Path:
     """Write `layout.review_dir` for a night: champion and candidate answering the held-out prompts themselves,
     the teacher judging each token, and the live shadow comparison when there is one."""
-    from model_runtime.models import load_model, load_tokenizer, pick_device
+    from model_runtime.models import eos_token_ids, load_tokenizer, pick_device
     from nightly_train.evaluate import student_with_adapter
+    from nightly_train.teacher_bridge import TeacherBridge
 
     history = json.loads(layout.history_file.read_text()) if layout.history_file.exists() else []
     prompts = list({tuple(t.prompt_ids): (t.trajectory_id, t.prompt_ids) for t in heldout}.values())
@@ -387,7 +392,8 @@ def build_review(student_dir: Path, teacher_dir: Path, layout: RunLayout, evalua
     with torch.no_grad():
         cases = answer_cases(student_with_adapter(student_dir, champion_dir),
                              student_with_adapter(student_dir, layout.adapter_dir),
-                             load_model(teacher_dir, pick_device("auto")), tok, prompts, max_tokens=max_tokens)
+                             TeacherBridge.load(teacher_dir, tok, eos_token_ids(tok), pick_device("auto")), tok,
+                             prompts, max_tokens=max_tokens)
     champ_version = evaluation.champion.version
     before = f"champion v{champ_version}" if champ_version else "student base"
     page = ReviewPage(f"Nightly candidate {layout.interval_key}", evaluation.run_id, evaluation.model_dump(),

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from model_runtime.adapters import save_adapter
-from model_runtime.logprobs import completion_logits, completion_logprobs, token_logprobs
+from model_runtime.logprobs import completion_logits, token_logprobs
 from model_runtime.models import ModelMeta, eos_token_ids, load_model, load_tokenizer, pick_device
 from model_runtime.sampling import DecodeParams, sample
 from nightly_train.config import TrainConfig
@@ -37,6 +37,7 @@ from nightly_train.data import Example, epoch_order, pad_right
 from nightly_train.distributed import Ranks
 from nightly_train.layout import checkpoints_dir, trained_adapter_dir
 from nightly_train.losses import full_reverse_kl, generalized_jsd, masked_mean, sampled_token_loss, topk_reverse_kl
+from nightly_train.teacher_bridge import TeacherBridge
 
 MetricsFn = Callable[[int, dict[str, float]], None]
 log = logging.getLogger(__name__)
@@ -97,6 +98,14 @@ class Distiller:
             self.model = get_peft_model(base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
         self.teacher = load_model(cfg.teacher_dir, self.device, self.dtype) if cfg.teacher_dir else None
+        # The in-process teacher (rollouts, GKD) through the tokenizers: re-rendered over spans when they differ.
+        self.bridge = TeacherBridge(self.teacher, self.tok, load_tokenizer(cfg.teacher_dir),
+                                    student_stop_ids=self.eos) if self.teacher is not None else None
+        self.gkd_enabled = cfg.gkd.enabled
+        if self.gkd_enabled and self.bridge is not None and self.bridge.cross:
+            log.warning("GKD is off: it compares full next-token distributions, which a teacher with another "
+                        "tokenizer does not share with the student (rule 1 and rollouts train on span advantages)")
+            self.gkd_enabled = False
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.total_steps, self.steps_per_epoch = plan_steps(cfg, len(examples), len(self.rollout_prompts))
@@ -125,9 +134,13 @@ class Distiller:
             new_lp_BC = token_logprobs(cl.logits_BCV, cl.completion_ids_BC)
             behaviour_BC = pad_right([e.behaviour_lp_C for e in batch], width).to(self.device)
             teacher_BC = pad_right([e.teacher_lp_C for e in batch], width).to(self.device)
+            spans_BC = None
+            if any(e.span_id_C is not None for e in batch):  # a teacher of another tokenizer scored spans
+                spans_BC = pad_right([e.spans() for e in batch], width).to(self.device)
             imp = self.cfg.importance
             loss, st = sampled_token_loss(new_lp_BC, behaviour_BC, teacher_BC, m1, coef=self.cfg.kl_penalty_coef,
-                                          mode=imp.mode, ratio_max=imp.ratio_max, clip_eps=imp.clip_eps)
+                                          mode=imp.mode, ratio_max=imp.ratio_max, clip_eps=imp.clip_eps,
+                                          span_id_BC=spans_BC)
             total = total + loss * m1.sum()
             metrics.update({"advantage_mean": st.advantage_mean, "ratio_mean": st.ratio_mean,
                             "ratio_max": st.ratio_max, "clipped_fraction": st.clipped_fraction,
@@ -174,19 +187,24 @@ class Distiller:
         keep = [i for i, c in enumerate(completions) if c]
         if not keep:
             return torch.zeros((), device=self.device), 0, {}
+        scored = self.bridge.score(prompts, completions, temperature=self.cfg.teacher_temperature)
+        unaligned = sum(s is None for s in scored)  # a teacher of another tokenizer could not align them
+        keep = [i for i, s in enumerate(scored) if s is not None]
+        if not keep:
+            return torch.zeros((), device=self.device), 0, {"rollout_unaligned": float(unaligned)}
         prompts, completions = [prompts[i] for i in keep], [completions[i] for i in keep]
-        teacher = completion_logprobs(self.teacher, prompts, completions, self.pad_id,
-                                      temperature=self.cfg.teacher_temperature)
+        scored = [scored[i] for i in keep]
         cl = completion_logits(self.model, prompts, completions, self.pad_id)
         new_lp_BC = token_logprobs(cl.logits_BCV, cl.completion_ids_BC)
         width = cl.mask_BC.shape[1]
-        teacher_BC = pad_right([t.logprobs_C.numpy() for t in teacher], width).to(self.device)
+        teacher_BC = pad_right([s.teacher_logprobs_C.numpy() for s in scored], width).to(self.device, torch.float32)
+        spans_BC = pad_right([s.span_id_C.numpy() for s in scored], width).to(self.device) if self.bridge.cross else None
         behaviour_BC = new_lp_BC.detach()  # sampled by this very policy: exactly on-policy, w = 1
         loss, _ = sampled_token_loss(new_lp_BC, behaviour_BC, teacher_BC, cl.mask_BC, coef=self.cfg.kl_penalty_coef,
-                                     mode="none")
+                                     mode="none", span_id_BC=spans_BC)
         n = int(cl.mask_BC.sum())
         return loss * n, n, {"rollout_reverse_kl": float(masked_mean(behaviour_BC - teacher_BC, cl.mask_BC)),
-                             "tokens.rollout": float(n)}
+                             "tokens.rollout": float(n), "rollout_unaligned": float(unaligned)}
 
     def gkd_loss(self, step: int, micro: int) -> tuple[torch.Tensor, int, dict[str, float]]:
         cfg = self.cfg.gkd
@@ -261,7 +279,7 @@ class Distiller:
             parts.append(self.logged_loss(batch))
         if cfg.rollouts.enabled:
             parts.append(self.rollout_loss(step, micro))
-        if cfg.gkd.enabled:
+        if self.gkd_enabled:
             parts.append(self.gkd_loss(step, micro))
         n_global = int(ranks.sum(sum(n for _, n, _ in parts)))
         metrics: dict[str, float] = {}

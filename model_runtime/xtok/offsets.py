@@ -147,8 +147,11 @@ def _stream_offsets(backend, ids: list[int], full: str, side: str) -> tuple[list
     ends: list[int] = []
     clean: list[bool] = []
     n = 0
-    for t in ids:
-        piece = stream.step(backend, t)  # None: nothing new can be shown yet (inside a character)
+    for k, t in enumerate(ids):
+        try:
+            piece = stream.step(backend, t)  # None: nothing new can be shown yet (inside a character)
+        except Exception as exc:  # the Rust stream refuses some invalid byte runs outright
+            raise AlignmentError(f"{side} token {k} cannot be decoded incrementally: {exc}") from exc
         if piece:
             pieces.append(piece)
             n += len(piece)
@@ -176,6 +179,10 @@ def token_offsets(tokenizer, ids: Sequence[int], text: str | None = None, *, sid
         if bad is not None:
             raise AlignmentError(f"{side} token {bad} has id {ids[bad]}, which is not in the {side} vocabulary")
     full = backend.decode(ids, skip_special_tokens=False)
+    if no_replacement and REPLACEMENT in full:
+        raise AlignmentError(f"the {side} tokens decode to U+FFFD at character {full.index(REPLACEMENT)}: bytes "
+                             "that form no character (cut by max_tokens, or sampled invalid UTF-8) cannot be "
+                             "spelled by another tokenizer")
     found = _table_offsets(table, ids, full) if table is not None and REPLACEMENT not in full else None
     ends, clean = found if found is not None else _stream_offsets(backend, ids, full, side)
     if clean and not clean[-1]:
@@ -184,10 +191,6 @@ def token_offsets(tokenizer, ids: Sequence[int], text: str | None = None, *, sid
         ends[-1], clean[-1] = len(full), True
     if ends and ends[-1] != len(full):
         raise AlignmentError(f"{side} tokens decode to {ends[-1]} characters one by one, {len(full)} all at once")
-    if no_replacement and REPLACEMENT in full:
-        raise AlignmentError(f"the {side} tokens decode to U+FFFD at character {full.index(REPLACEMENT)}: bytes "
-                             "that form no character (cut by max_tokens, or sampled invalid UTF-8) cannot be "
-                             "spelled by another tokenizer")
     if text is not None and full != text:
         raise AlignmentError(f"the {side} tokens do not spell the completion text: {first_difference(full, text)}")
     return TokenOffsets(full, tuple(ends), tuple(clean))

@@ -309,3 +309,62 @@ def test_the_end_users_hash_survives_the_store(store):
     t = _traj(1, 0).model_copy(update={"user_hash": "u" * 64})
     store.land([LoggedTrajectory(t, 0, 0)])
     assert store.unscored(TEACHER)[0].user_hash == "u" * 64
+
+
+# ---- trajectory v2 and cross-tokenizer scores (migration 0008) ----------------------------------------------------
+def _traj_v2(i: int, minutes: int, **over):
+    from schemas.trajectory import TrajectoryV2
+
+    fields = _traj(i, minutes).model_dump(exclude={"schema_version", "prompt_text", "completion_text"})
+    fields.update(prompt_kind="chat", messages=[{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": "hi", "name": "ann"}],
+                  prompt_text="<s>hi</s>", completion_text="th\u00e9", completion_offsets=[2, 2, 3])
+    fields.update(over)
+    return TrajectoryV2(**fields)
+
+
+def test_a_v2_trajectory_comes_back_as_it_was_logged(store):
+    t = _traj_v2(1, 0)
+    store.land([LoggedTrajectory(t)])
+    assert store.load_logged([t.trajectory_id])[0].trajectory == t
+
+
+def test_a_v2_text_prompt_comes_back_as_it_was_logged(store):
+    t = _traj_v2(2, 0, prompt_kind="text", messages=None)
+    store.land([LoggedTrajectory(t)])
+    assert store.load_logged([t.trajectory_id])[0].trajectory == t
+
+
+def test_v1_and_v2_trajectories_land_side_by_side(store):
+    old, new = _traj(3, 0), _traj_v2(4, 0)
+    store.land([LoggedTrajectory(old), LoggedTrajectory(new)])
+    assert [lt.trajectory.schema_version for lt in store.load_logged([old.trajectory_id, new.trajectory_id])] == [1, 2]
+
+
+def test_cross_tokenizer_span_ids_round_trip(store):
+    t = _traj_v2(5, 0)
+    scores = TeacherScores(np.array([-0.5, -0.5, -2.0], dtype=np.float32), span_id_C=np.array([0, 0, 1]))
+    store.ingest_scored([(t, scores)], TEACHER, tokenizer_fingerprint="tok-teacher",
+                        student_tokenizer_fingerprint="tok-student")
+    assert store.load_scored([t.trajectory_id], TEACHER)[0].teacher.span_id_C.tolist() == [0, 0, 1]
+
+
+def test_cross_tokenizer_scores_carry_the_student_tokenizer(store):
+    t = _traj_v2(6, 0)
+    scores = TeacherScores(np.array([-0.5, -0.5, -2.0], dtype=np.float32), span_id_C=np.array([0, 0, 1]))
+    store.ingest_scored([(t, scores)], TEACHER, tokenizer_fingerprint="tok-teacher",
+                        student_tokenizer_fingerprint="tok-student")
+    got = store.load_scored([t.trajectory_id], TEACHER)[0]
+    assert (got.tokenizer_fingerprint, got.student_tokenizer_fingerprint) == ("tok-teacher", "tok-student")
+
+
+def test_same_tokenizer_scores_have_no_span_ids(store):
+    t = _traj(7, 0)
+    store.ingest_scored([(t, _scores(t))], TEACHER)
+    assert store.load_scored([t.trajectory_id], TEACHER)[0].teacher.span_id_C is None
+
+
+def test_span_ids_must_match_the_completion(store):
+    t = _traj_v2(8, 0)
+    with pytest.raises(AlignmentError, match="span ids"):
+        store.ingest_scored([(t, TeacherScores(np.zeros(3, dtype=np.float32), span_id_C=np.array([0, 1])))], TEACHER)

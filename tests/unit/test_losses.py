@@ -271,3 +271,38 @@ def test_token_weighted_standard_error_weights_long_prompts_like_the_mean_does()
     mean, se, _ = token_weighted_mean_and_se([torch.ones(4), torch.zeros(1)])
     assert mean == pytest.approx(0.8)
     assert se == pytest.approx(math.sqrt((0.8 ** 2 + 0.8 ** 2) / 2) / 2.5)
+
+
+# ---- span advantages (a teacher of another tokenizer) -----------------------------------------------------------
+def test_span_advantage_gives_every_token_its_spans_whole_advantage():
+    from nightly_train.losses import span_reverse_kl_advantage
+
+    # spans [0, 0, 1]: shares (-1, -1) of T_0 = -2 and -0.5 of T_1; policy lp (-0.5, -0.25, -1.0)
+    adv = span_reverse_kl_advantage(torch.tensor([[0, 0, 1]]), torch.tensor([[-1.0, -1.0, -0.5]]),
+                                    torch.tensor([[-0.5, -0.25, -1.0]]), torch.tensor([[True, True, True]]))
+    assert adv.tolist() == [[-1.25, -1.25, 0.5]]
+
+
+def test_span_advantage_with_one_span_per_token_is_rule_one():
+    teacher, lp = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-0.5, -0.25, -1.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, False]])
+    plain, _ = sampled_token_loss(lp, lp.detach(), teacher, mask, mode="none")
+    spans, _ = sampled_token_loss(lp, lp.detach(), teacher, mask, mode="none", span_id_BC=torch.tensor([[0, 1, 2]]))
+    assert float(spans) == float(plain)
+
+
+def test_span_advantage_is_zero_on_padding():
+    from nightly_train.losses import span_reverse_kl_advantage
+
+    adv = span_reverse_kl_advantage(torch.tensor([[0, 0, 0]]), torch.tensor([[-1.0, -1.0, float("nan")]]),
+                                    torch.tensor([[-0.5, -0.5, -0.5]]), torch.tensor([[True, True, False]]))
+    assert adv[0, 2].item() == 0.0
+
+
+def test_span_loss_pushes_each_token_by_the_spans_advantage():
+    # on-policy, w = 1: d loss / d lp_t = -A_t / n_tokens; A = T_s - S_s = -2 - (-0.75) = -1.25 for both tokens
+    lp = torch.tensor([[-0.5, -0.25]], requires_grad=True)
+    loss, _ = sampled_token_loss(lp, lp.detach(), torch.tensor([[-1.0, -1.0]]), torch.tensor([[True, True]]),
+                                 mode="none", span_id_BC=torch.tensor([[0, 0]]))
+    loss.backward()
+    assert lp.grad.tolist() == [[0.625, 0.625]]
