@@ -23,6 +23,11 @@ class UnknownSchemaVersion(InvalidTrajectory):
     """A trajectory carries a `schema_version` this code does not read."""
 
 
+class UnalignableTrajectory(InvalidTrajectory):
+    """A teacher of another tokenizer cannot align a trajectory's completion with its own tokens (the reason says
+    why): dead-lettered, never trained on."""
+
+
 class AlignmentError(ShadowDistillError, ValueError):
     """Token arrays that must line up (completion ids, logprobs, teacher scores) do not."""
 

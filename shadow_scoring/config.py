@@ -80,6 +80,10 @@ class ScoringConfig(StrictConfig):
     teacher_tokenizer: str | None = Field(None, min_length=1, description=(
         "Folder holding the teacher's tokenizer; required for an http teacher (the server does not expose it). "
         "An embedded teacher uses its own folder's."))
+    cross_tokenizer: bool = Field(False, description=(
+        "The teacher is of another model family: re-render each trajectory in its chat template, score its own "
+        "tokens, and store scores per student token over aligned spans (shadow_scoring.cross_tokenizer). Needs "
+        "student_tokenizer; stores no top-k (another vocabulary). Unalignable trajectories are dead-lettered."))
     score_tokens_per_step: int = Field(32_768, ge=1, description=(
         "Prompt + completion tokens the scorer scores from its backlog per service step (after landing a poll); "
         "bounds a step's time so the group membership and landing keep up."))
@@ -118,6 +122,8 @@ class ScoringConfig(StrictConfig):
         if self.max_poll_interval_ms < self.session_timeout_ms:
             raise ValueError(f"max_poll_interval_ms {self.max_poll_interval_ms} is below "
                              f"session_timeout_ms {self.session_timeout_ms}")
+        if self.cross_tokenizer and self.student_tokenizer is None:
+            raise ValueError("cross_tokenizer needs student_tokenizer: the student's tokenizer decodes its tokens")
         if self.teacher_is_http:
             missing = [f for f in ("teacher_model", "teacher_vocab_size", "teacher_tokenizer")
                        if getattr(self, f) is None]
@@ -127,6 +133,11 @@ class ScoringConfig(StrictConfig):
                 raise ValueError(f"temperature {self.temperature} needs the embedded teacher: a server's "
                                  "prompt_logprobs are the raw distribution (temperature 1)")
         return self
+
+    @property
+    def stored_topk(self) -> int:
+        """The top-k actually stored: none for a cross-tokenizer teacher (its vocabulary is not the student's)."""
+        return 0 if self.cross_tokenizer else self.topk
 
     @property
     def teacher_is_http(self) -> bool:

@@ -22,7 +22,7 @@ from feature_store.records import TeacherScores
 from feature_store.store import FeatureStore, ScoresWritten
 from foundation.errors import InvalidTrajectory
 from schemas.arrays import pack_floats, pack_ids
-from schemas.trajectory import TrajectoryV1
+from schemas.trajectory import Trajectory
 from shadow_scoring.config import DEFAULT_TOPK
 from shadow_scoring.teacher import Teacher, score_in_batches, seq_len
 
@@ -39,7 +39,7 @@ def bytes_per_token(topk: int) -> int:
 class PageOutcome:
     """What the teacher made of one page: scores in page order, and refusals as (position in page, why)."""
 
-    scored: list[tuple[TrajectoryV1, TeacherScores]]
+    scored: list[tuple[Trajectory, TeacherScores]]
     rejected: list[tuple[int, InvalidTrajectory]]
     seconds: float
 
@@ -55,7 +55,7 @@ def within_budget(lengths: Sequence[int], budget: int) -> int:
     return n
 
 
-def score_page(teacher: Teacher, trajs: Sequence[TrajectoryV1], batch_tokens: int, topk: int) -> PageOutcome:
+def score_page(teacher: Teacher, trajs: Sequence[Trajectory], batch_tokens: int, topk: int) -> PageOutcome:
     """Score a page in token-budget batches; the teacher's refusals come back apart, not as failures."""
     started = time.monotonic()
     results = score_in_batches(teacher, trajs, batch_tokens, topk)
@@ -64,16 +64,18 @@ def score_page(teacher: Teacher, trajs: Sequence[TrajectoryV1], batch_tokens: in
     return PageOutcome(scored, rejected, time.monotonic() - started)
 
 
-def write_page(store: FeatureStore, teacher: Teacher, trajs: Sequence[TrajectoryV1],
+def write_page(store: FeatureStore, teacher: Teacher, trajs: Sequence[Trajectory],
                outcome: PageOutcome) -> ScoresWritten:
-    """Scores and refusals of one page in one transaction, stamped with the teacher's tokenizer and temperature."""
+    """Scores and refusals of one page in one transaction, stamped with the teacher's tokenizer and temperature
+    (and, for a cross-tokenizer teacher, the student tokenizer its span scores were projected onto)."""
     return store.write_scores(outcome.scored, teacher.teacher_id,
                               tokenizer_fingerprint=teacher.tokenizer_fingerprint,
                               teacher_temperature=teacher.temperature,
+                              student_tokenizer_fingerprint=getattr(teacher, "student_tokenizer_fingerprint", None),
                               rejected=[(trajs[i].trajectory_id, str(exc)) for i, exc in outcome.rejected])
 
 
-def page_lengths(trajs: Sequence[TrajectoryV1]) -> list[int]:
+def page_lengths(trajs: Sequence[Trajectory]) -> list[int]:
     return [seq_len(t) for t in trajs]
 
 

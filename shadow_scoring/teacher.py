@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from feature_store.store import TeacherScores
-from schemas.trajectory import TrajectoryV1
+from schemas.trajectory import Trajectory
 from foundation.errors import AlignmentError, ConfigError, InvalidTrajectory, TeacherUnavailable
 
 if TYPE_CHECKING:
@@ -40,18 +40,22 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class Teacher(Protocol):
-    """Scores a batch of trajectories in one go; `score` may raise `InvalidTrajectory` for a batch it rejects."""
+    """Scores a batch of trajectories in one go; `score` may raise `InvalidTrajectory` for a batch it rejects.
+
+    Optional: `refusal(traj)` names a row the teacher cannot score before any batch is built (a cross-tokenizer
+    teacher's unalignable rows), `seq_len(traj)` what it will read (for the token budget), and
+    `student_tokenizer_fingerprint` the student tokenizer its scores are projected onto (cross-tokenizer)."""
 
     teacher_id: str
     vocab_size: int
     tokenizer_fingerprint: str | None  # None: unknown (stored as such; the trainer will not trust it)
     temperature: float
 
-    def score(self, batch: list[TrajectoryV1], topk: int = 0) -> list[TeacherScores]: ...
+    def score(self, batch: list[Trajectory], topk: int = 0) -> list[TeacherScores]: ...
 
 
 # ---- pure batching logic ------------------------------------------------------------------------------------
-def seq_len(traj: TrajectoryV1) -> int:
+def seq_len(traj: Trajectory) -> int:
     return len(traj.prompt_token_ids) + len(traj.completion_token_ids)
 
 
@@ -77,14 +81,14 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
-def check_vocab(traj: TrajectoryV1, vocab_size: int) -> None:
+def check_vocab(traj: Trajectory, vocab_size: int) -> None:
     """A token id the teacher has no embedding for makes the message unscorable: a poison, not a crash."""
     top = traj.max_token_id()
     if top >= vocab_size:
         raise InvalidTrajectory(f"{traj.trajectory_id}: token id {top} >= teacher vocabulary size {vocab_size}")
 
 
-def score_in_batches(teacher: Teacher, trajs: Sequence[TrajectoryV1], batch_tokens: int,
+def score_in_batches(teacher: Teacher, trajs: Sequence[Trajectory], batch_tokens: int,
                      topk: int = 0) -> list[TeacherScores | InvalidTrajectory]:
     """Score every trajectory, batched by token budget; results come back in the order of `trajs`.
 
@@ -92,7 +96,14 @@ def score_in_batches(teacher: Teacher, trajs: Sequence[TrajectoryV1], batch_toke
     costs only itself: its slot holds the error instead of scores. Other errors (teacher down) propagate.
     """
     results: list[TeacherScores | InvalidTrajectory | None] = [None] * len(trajs)
-    for idx in plan_batches([seq_len(t) for t in trajs], batch_tokens):
+    refusal, length = getattr(teacher, "refusal", None), getattr(teacher, "seq_len", seq_len)
+    todo = list(range(len(trajs)))
+    if refusal is not None:
+        for i in todo:
+            results[i] = refusal(trajs[i])
+        todo = [i for i in todo if results[i] is None]
+    for batch in plan_batches([length(trajs[i]) for i in todo], batch_tokens):
+        idx = [todo[b] for b in batch]
         try:
             scores = teacher.score([trajs[i] for i in idx], topk)
         except InvalidTrajectory as exc:
@@ -137,19 +148,22 @@ class EmbeddedTeacher:
         # Padded positions are masked out, so any valid id will do.
         self.pad_id = int(self.model.generation_config.pad_token_id or self.model.config.pad_token_id or 0)
 
-    def score(self, batch: list[TrajectoryV1], topk: int = 0) -> list[TeacherScores]:
+    def score(self, batch: list[Trajectory], topk: int = 0) -> list[TeacherScores]:
+        for traj in batch:
+            check_vocab(traj, self.vocab_size)
+        return self.score_ids([t.prompt_token_ids for t in batch], [t.completion_token_ids for t in batch], topk)
+
+    def score_ids(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                  topk: int = 0) -> list[TeacherScores]:
+        """Scores of completions given as this teacher's own token ids (what a cross-tokenizer view holds)."""
         from model_runtime.logprobs import completion_logprobs
 
-        if not batch:
+        if not prompts:
             return []
         if topk > self.vocab_size:
             raise ConfigError(f"topk {topk} exceeds the teacher vocabulary size {self.vocab_size}")
-        for traj in batch:
-            check_vocab(traj, self.vocab_size)
-        scored = completion_logprobs(
-            self.model, [t.prompt_token_ids for t in batch], [t.completion_token_ids for t in batch], self.pad_id,
-            temperature=self.temperature, topk=topk,
-        )
+        scored = completion_logprobs(self.model, prompts, completions, self.pad_id, temperature=self.temperature,
+                                     topk=topk)
         return [
             TeacherScores(
                 teacher_logprobs_C=s.logprobs_C.numpy().astype(np.float32),
@@ -218,10 +232,11 @@ class OpenAITeacher:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
 
-    def request_body(self, batch: Sequence[TrajectoryV1], topk: int) -> dict[str, Any]:
+    def request_body(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                     topk: int) -> dict[str, Any]:
         return {
             "model": self.model,
-            "prompt": [list(t.prompt_token_ids) + list(t.completion_token_ids) for t in batch],
+            "prompt": [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)],
             "max_tokens": 1,
             "temperature": 0.0,
             "prompt_logprobs": topk,
@@ -243,20 +258,26 @@ class OpenAITeacher:
             raise ConfigError(f"teacher server {self.base_url} refused model {self.model!r} ({status}): {detail}")
         return resp.json()
 
-    def score(self, batch: list[TrajectoryV1], topk: int = 0) -> list[TeacherScores]:
-        if not batch:
-            return []
+    def score(self, batch: list[Trajectory], topk: int = 0) -> list[TeacherScores]:
         for traj in batch:
             check_vocab(traj, self.vocab_size)
-        choices = sorted(self._post(self.request_body(batch, topk)).get("choices") or [], key=lambda c: c["index"])
-        if [c["index"] for c in choices] != list(range(len(batch))):
-            raise AlignmentError(f"server answered choices {[c['index'] for c in choices]} for {len(batch)} prompts")
+        return self.score_ids([t.prompt_token_ids for t in batch], [t.completion_token_ids for t in batch], topk)
+
+    def score_ids(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                  topk: int = 0) -> list[TeacherScores]:
+        """Scores of completions given as the served model's own token ids (`prompt_logprobs` on prompt + completion)."""
+        if not prompts:
+            return []
+        body = self.request_body(prompts, completions, topk)
+        choices = sorted(self._post(body).get("choices") or [], key=lambda c: c["index"])
+        if [c["index"] for c in choices] != list(range(len(prompts))):
+            raise AlignmentError(f"server answered choices {[c['index'] for c in choices]} for {len(prompts)} prompts")
         out = []
-        for traj, choice in zip(batch, choices, strict=True):
+        for prompt, completion, choice in zip(prompts, completions, choices, strict=True):
             entries = choice.get("prompt_logprobs")
             if entries is None:
                 raise AlignmentError(f"{self.base_url} returned no prompt_logprobs: is it a vLLM-compatible server?")
-            out.append(parse_prompt_logprobs(entries, traj.prompt_token_ids, traj.completion_token_ids, topk))
+            out.append(parse_prompt_logprobs(entries, prompt, completion, topk))
         return out
 
     def probe(self, topk: int = 0) -> None:
@@ -291,15 +312,39 @@ def check_tokenizer_match(config: ScoringConfig, teacher: Teacher) -> None:
 
 def build_teacher(config: ScoringConfig) -> Teacher:
     """The teacher a `ScoringConfig` names: a server URL gives `OpenAITeacher` (probed), a folder `EmbeddedTeacher`;
-    either is refused unless its tokenizer is the student's (`check_tokenizer_match`)."""
+    either is refused unless its tokenizer is the student's (`check_tokenizer_match`), or, with
+    `cross_tokenizer`, wrapped in a `CrossTokenizerTeacher` when it is not."""
     if config.teacher_is_http:
         teacher: Teacher = OpenAITeacher(
             config.teacher, config.teacher_model or "", config.teacher_api_key, vocab_size=config.teacher_vocab_size or 0,
             timeout_s=config.teacher_timeout_s, tokenizer_dir=config.teacher_tokenizer)
+        teacher.probe(config.stored_topk)
+    else:
+        teacher = EmbeddedTeacher(config.teacher, device=config.device, temperature=config.temperature,
+                                  threads=config.torch_threads)
+    if not config.cross_tokenizer:
         check_tokenizer_match(config, teacher)
-        teacher.probe(config.topk)
         return teacher
-    teacher = EmbeddedTeacher(config.teacher, device=config.device, temperature=config.temperature,
-                              threads=config.torch_threads)
-    check_tokenizer_match(config, teacher)
-    return teacher
+    return cross_tokenizer_teacher(config, teacher)
+
+
+def cross_tokenizer_teacher(config: ScoringConfig, teacher: Teacher) -> Teacher:
+    """`teacher` behind the cross-tokenizer view when its tokenizer is not the student's (else as it is)."""
+    import logging
+
+    from model_runtime.models import load_tokenizer
+    from model_runtime.tokenizers import folder_fingerprint
+    from shadow_scoring.cross_tokenizer import CrossTokenizerTeacher
+
+    log = logging.getLogger(__name__)
+    folder = teacher_folder(teacher)
+    if folder_fingerprint(config.student_tokenizer) == teacher.tokenizer_fingerprint:
+        log.info("cross_tokenizer: teacher %s shares the student's tokenizer; scoring its ids as they are",
+                 teacher.teacher_id)
+        return teacher
+    if config.topk:
+        log.info("cross_tokenizer: top-k is not stored (topk=%d asked): the teacher's vocabulary is not the "
+                 "student's, so only rule 1 and rollouts can train on its scores", config.topk)
+    log.info("cross_tokenizer: teacher %s (tokenizer %s) re-renders each trajectory in its own chat template; "
+             "scores are stored per student token over aligned spans", teacher.teacher_id, folder)
+    return CrossTokenizerTeacher(teacher, load_tokenizer(config.student_tokenizer), load_tokenizer(folder), None)
