@@ -48,6 +48,7 @@ class CrossTokenizerTeacher:
         self.temperature = inner.temperature
         self.vocab_size = inner.vocab_size
         self.tokenizer_fingerprint = inner.tokenizer_fingerprint  # the teacher's
+        self.tokenizer_dir = getattr(inner, "model_dir", None) or getattr(inner, "tokenizer_dir", None)
         self.student_tokenizer_fingerprint = tokenizer_fingerprint(student_tokenizer)
         self.student_tok = student_tokenizer
         self.xt = CrossTokenizer(student_tokenizer, teacher_tokenizer, student_stop_ids)

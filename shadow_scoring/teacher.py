@@ -298,7 +298,7 @@ def teacher_folder(teacher: Teacher) -> str:
 
 
 def check_tokenizer_match(config: ScoringConfig, teacher: Teacher) -> None:
-    """Refuse a teacher whose tokenizer is not the student's: its scores would be logprobs of other tokens.
+    """Refuse a teacher whose scores are not per token of the student's tokenizer: logprobs of other tokens.
 
     Nothing is checked when `config.student_tokenizer` is unset (the scores still record the teacher's
     fingerprint, so a trainer can refuse them later)."""
@@ -306,7 +306,9 @@ def check_tokenizer_match(config: ScoringConfig, teacher: Teacher) -> None:
         return
     from model_runtime.tokenizers import require_shared_tokenizer
 
-    require_shared_tokenizer(config.student_tokenizer, teacher.tokenizer_fingerprint,
+    # A cross-tokenizer teacher's scores are per token of the student tokenizer it projects onto.
+    scores_for = getattr(teacher, "student_tokenizer_fingerprint", None) or teacher.tokenizer_fingerprint
+    require_shared_tokenizer(config.student_tokenizer, scores_for,
                              f"{teacher.teacher_id!r} (tokenizer {teacher_folder(teacher)})")
 
 

@@ -1,4 +1,5 @@
-"""Real trajectories for tests: the tiny student's own samples under a chosen decoding, as serving would log them.
+"""Real trajectories for tests: the tiny student's own samples under a chosen decoding, as serving would log them;
+and one hand-written chat answer in both schema versions (`chat_v2`, `chat_v1`) for the cross-tokenizer tests.
 
     trajs = sample_trajectories(student_dir, TEXTS, decodings=[GREEDY, T07, T1], window=(start, end))
 """
@@ -7,13 +8,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from model_runtime.chat import user_prompt_ids
 from model_runtime.models import ModelMeta, eos_token_ids, load_model, load_tokenizer
 from model_runtime.sampling import DecodeParams, sample
-from schemas.trajectory import SamplingParams, TrajectoryV1
+from schemas.trajectory import SamplingParams, TrajectoryV1, TrajectoryV2
 
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=8)
 T07 = SamplingParams(temperature=0.7, top_p=1.0, top_k=0, max_tokens=8)
@@ -49,3 +50,40 @@ def sample_trajectories(student_dir: Path, texts: Sequence[str], decodings: Sequ
             completion_token_ids=res.completion_ids, behaviour_logprobs=behaviour, logprob_kind=kind,
             finish_reason="stop" if res.finish_reason == "stop" else "length", prompt_text=texts[i]))
     return out
+
+
+# ---- one chat answer, v1 and v2 ----------------------------------------------------------------------------------
+CHAT_MESSAGES = [{"role": "user", "content": "hello there"}]
+ANSWER = "Hi, how are you? fine"
+
+
+def _fields(student_tok, completion_ids, i=0):
+    prompt = student_tok.apply_chat_template(CHAT_MESSAGES, tokenize=False, add_generation_prompt=True)
+    return dict(trajectory_id=f"t{i}", request_id=f"r{i}", choice_index=0, created_at=datetime(2026, 1, 1, tzinfo=UTC),
+                base_model_id="tiny-student", sampling=SamplingParams(temperature=1, top_p=1, top_k=0, max_tokens=32),
+                prompt_token_ids=student_tok.encode(prompt, add_special_tokens=False),
+                completion_token_ids=completion_ids, behaviour_logprobs=[-1.0] * len(completion_ids),
+                logprob_kind="sampled", finish_reason="stop"), prompt
+
+
+def answer_ids(student_tok, text=ANSWER):
+    return student_tok.encode(text, add_special_tokens=False) + [student_tok.eos_token_id]
+
+
+def chat_v2(student_tok, completion_ids=None, i=0, **over) -> TrajectoryV2:
+    """A v2 chat trajectory as serving logs it (messages, texts, offsets) for `ANSWER` to `CHAT_CHAT_MESSAGES`."""
+    ids = completion_ids or answer_ids(student_tok)
+    fields, prompt = _fields(student_tok, ids, i)
+    from serving.trajectories import CompletionTexts
+
+    texts = CompletionTexts.of(student_tok, ids, {student_tok.eos_token_id})
+    fields.update(prompt_kind="chat", messages=CHAT_MESSAGES, prompt_text=prompt, completion_text=texts.text,
+                  completion_offsets=texts.offsets)
+    fields.update(over)
+    return TrajectoryV2(**fields)
+
+
+def chat_v1(student_tok, completion_ids=None, i=0) -> TrajectoryV1:
+    """The same answer as an old serving pod logs it (v1: the rendered prompt only)."""
+    fields, prompt = _fields(student_tok, completion_ids or answer_ids(student_tok), i)
+    return TrajectoryV1(**fields, prompt_text=prompt, completion_text=ANSWER)
