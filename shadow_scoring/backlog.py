@@ -10,7 +10,9 @@ What it holds is bounded (oldest dropped first) and dropped for partitions it no
 
 The keyset cursor: every landed row of the owned partitions at or before it is scored or refused, so a page
 query starts there instead of scanning everything scored. It is reset when ownership changes (the new
-partitions' rows may be anywhere) and lowered when a trajectory lands behind it (out of order, a replay).
+partitions' rows may be anywhere) and lowered when a trajectory lands behind it (out of order, a replay, or
+while the page before it was in the teacher: partitions interleave in time, so the next poll's rows can be
+older than the page's last).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Backlog:
         self.more = True  # the last page was cut short: more is due now (so do not wait on the next poll)
         self._held: OrderedDict[str, LoggedTrajectory] = OrderedDict()
         self._page_of: frozenset[int] | None = None  # ownership the page in hand was read under
+        self._landed_low: Cursor | None = None  # oldest key landed since the page in hand was read
 
     def own(self, partitions: frozenset[int]) -> None:
         """Ownership as the group left it; a change restarts the scan (the new partitions' rows may be old)."""
@@ -47,8 +50,11 @@ class Backlog:
         """Trajectories this scorer has just landed (committed to the store): hold them for their page."""
         for lt in items:
             t = lt.trajectory
-            if self.cursor is not None and (t.created_at, t.trajectory_id) <= self.cursor:
+            key = (t.created_at, t.trajectory_id)
+            if self.cursor is not None and key <= self.cursor:
                 self.cursor = (t.created_at, "")  # landed behind the cursor: it must still be scored
+            if self._landed_low is None or key < self._landed_low:
+                self._landed_low = key
             if lt.partition in self.owned or not self.owned:
                 self._held[t.trajectory_id] = lt
                 self._held.move_to_end(t.trajectory_id)
@@ -59,7 +65,7 @@ class Backlog:
     def next_page(self, limit: int, budget_tokens: int) -> list[LoggedTrajectory]:
         """The oldest due trajectories of the owned partitions: at most `limit`, and as many leading ones as fit
         `budget_tokens` (at least one: a long one must be scored too)."""
-        self._page_of = self.owned
+        self._page_of, self._landed_low = self.owned, None
         if not self.owned:
             self.more = False
             return []
@@ -79,6 +85,9 @@ class Backlog:
         if self._page_of == self.owned:  # else ownership changed while it was scored: the scan restarts anyway
             last = page[-1].trajectory
             self.cursor = (last.created_at, last.trajectory_id)
+            if self._landed_low is not None and self._landed_low <= self.cursor:
+                # landed while the page was in the teacher (the next poll, the other partitions) and behind it
+                self.cursor = (self._landed_low[0], "")
         for lt in page:
             self._held.pop(lt.trajectory.trajectory_id, None)
 

@@ -13,14 +13,18 @@ One step of the service loop:
    the new owner scores what the old one landed and left unscored (`backlog.Backlog` reads what is due from
    the store; the trajectories this scorer has just landed it already holds).
 
-While a page is left over, the next poll does not wait for new messages: the teacher never idles on the log.
+The two overlap: the teacher scores the page due when a step begins (on its own thread) while the consumer
+thread lands that step's poll, so the scorer's own cost per trajectory hides behind the teacher's instead of
+adding to it. The poll itself, where the group moves partitions, never has a page in the teacher. While a page
+is left over, the next poll does not wait for new messages: the teacher never idles on the log.
 
 So the store holds what was consumed even while the teacher lags, and `FeatureStore.window_status` can tell a
 night that is complete from one that is not (coverage of what landed, and the log's watermark).
 
 When the database, the teacher server or the dead-letter topic is down, the service pauses its partitions,
 retries with exponential backoff, commits nothing, and resumes where it was: it neither crashes nor skips.
-SIGTERM/SIGINT finish the step in hand (its landing is committed, its scores written) and exit.
+SIGTERM/SIGINT finish the step in hand (its landing is committed, its scores written), score one more page
+(what that step landed) and exit.
 
     service = ScoringService.from_config(ScoringConfig(bootstrap_servers=..., store_url=..., teacher=...))
     service.run()                       # until SIGTERM/SIGINT
@@ -35,6 +39,7 @@ import logging
 import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -120,6 +125,8 @@ class ScoringService:
         self._ownership = Ownership(config.topic, config.group_id, config.client_id)
         self._lag = LagMeter(config.lag_refresh_s)
         self._backlog = Backlog(store, teacher.teacher_id, HELD_POLLS * config.max_poll_records)
+        # The teacher's forward runs here while the consumer thread lands the next poll (`step`).
+        self._teacher_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
 
     @classmethod
     def from_config(cls, config: ScoringConfig) -> ScoringService:
@@ -150,6 +157,8 @@ class ScoringService:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         self._consumer = self._producer = self._metrics_server = None
+        self._teacher_thread.shutdown(wait=True)  # a page still in the teacher (a step cut short) is dropped
+        self._teacher_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
 
     def __enter__(self) -> ScoringService:
         return self.open()
@@ -179,6 +188,11 @@ class ScoringService:
                     log.warning("stopped while waiting for %s; uncommitted work will be replayed",
                                 self._stats.waiting_for)
                     break
+            else:
+                try:
+                    self._drain()
+                except _Stopped:
+                    pass
         finally:
             if opened_here:
                 self.close()
@@ -187,16 +201,31 @@ class ScoringService:
 
     # ---- one step ----------------------------------------------------------------------------------------------
     def step(self) -> int:
-        """Poll once and land it (offsets committed after), then score from the backlog. Returns the messages polled."""
+        """Poll once; while this poll lands (offsets committed after its transaction), the teacher scores the page
+        that was due when the step began; then that page's scores are written. Returns the messages polled.
+
+        Why the overlap: the teacher's forward (a GPU or a vLLM server; torch releases the GIL too) and the scorer's
+        own work (fetch, CRC check, decode, landing transaction, commit) run at once instead of one after the
+        other, so the scorer's cost hides behind the teacher's. Why this order: the poll, where the group moves
+        partitions, happens with no page in the teacher, so a graceful rebalance never has two replicas scoring
+        the same trajectories. What a step lands is scored by the next one, which then does not wait on its poll."""
         if self._consumer is None:
             raise RuntimeError("call open() (or use the service as a context manager) before step()")
         polled = self._consumer.poll(timeout_ms=0 if self._backlog.more else self.config.poll_timeout_ms)
         self._follow_ownership()
         records = [r for recs in polled.values() for r in recs]
+        page, scoring = self._start_scoring()
         self._land(records)
-        self._score_backlog()
+        if page:
+            self._finish_scoring(page, scoring)
         self._refresh_lag()
         return len(records)
+
+    def _drain(self) -> None:
+        """On a graceful stop: score one more page (what the last step landed) before leaving."""
+        page, scoring = self._start_scoring()
+        if page:
+            self._finish_scoring(page, scoring)
 
     def _follow_ownership(self) -> None:
         """Take the assignment the last rebalance left (the listener ran inside the poll) into the backlog and
@@ -286,14 +315,23 @@ class ScoringService:
         s.dead_lettered_by_reason = by_reason  # swapped, not mutated: the metrics thread may be reading it
 
     # ---- scoring ---------------------------------------------------------------------------------------------------
-    def _score_backlog(self) -> None:
-        """Score the oldest landed-but-unscored trajectories of the owned partitions, up to the token budget."""
+    def _start_scoring(self) -> tuple[list[LoggedTrajectory], Future | None]:
+        """The oldest landed-but-unscored trajectories of the owned partitions, up to the token budget, and their
+        scoring started on the teacher thread."""
         cfg = self.config
         page = self._retry("database", lambda: self._backlog.next_page(cfg.max_poll_records, cfg.score_tokens_per_step))
         if not page:
-            return
+            return page, None
+        return page, self._teacher_thread.submit(score_page, self.teacher, [lt.trajectory for lt in page],
+                                                 cfg.batch_tokens, cfg.topk)
+
+    def _finish_scoring(self, page: list[LoggedTrajectory], scoring: Future) -> None:
+        """Wait for the page's scores (a teacher outage is retried here, inline), dead-letter the refusals, write."""
+        cfg = self.config
         trajs = [lt.trajectory for lt in page]
-        outcome = self._retry("teacher", lambda: score_page(self.teacher, trajs, cfg.batch_tokens, cfg.topk))
+        first = [scoring]
+        outcome = self._retry("teacher", lambda: first.pop().result() if first else
+                              score_page(self.teacher, trajs, cfg.batch_tokens, cfg.topk))
         refused = [(page[i], exc) for i, exc in outcome.rejected]
         self._retry("dead-letter topic", lambda: self._dead_letter_refusals(refused))
         written = self._retry("database", lambda: write_page(self.store, self.teacher, trajs, outcome))

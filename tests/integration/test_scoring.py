@@ -85,7 +85,7 @@ def test_poison_goes_to_the_dead_letter_topic_and_the_rest_is_stored(kafka_broke
     poison = {
         b"not json {": "InvalidTrajectory",
         b"[1, 2, 3]": "InvalidTrajectory",
-        json.dumps({**body, "schema_version": 2}).encode(): "UnknownSchemaVersion",
+        json.dumps({**body, "schema_version": 99}).encode(): "UnknownSchemaVersion",
         json.dumps({**body, "trajectory_id": "short", "behaviour_logprobs": []}).encode(): "InvalidTrajectory",
         None: "InvalidTrajectory",  # a tombstone
     }
@@ -115,7 +115,7 @@ def test_poison_goes_to_the_dead_letter_topic_and_the_rest_is_stored(kafka_broke
     errors = sorted(dict(r.headers)["x-error"].decode() for r in dead)
     assert any("behaviour logprobs for" in e for e in errors)
     assert any(e.startswith("not JSON") for e in errors)
-    assert any("schema_version 2" in e for e in errors)
+    assert any("schema_version 99" in e for e in errors)
 
 
 def test_a_trajectory_the_teacher_refuses_is_landed_recorded_and_dead_lettered_once(kafka_broker, sqlite_url,
@@ -272,8 +272,10 @@ def test_sigterm_finishes_the_batch_in_hand_commits_and_exits(kafka_broker, sqli
     before = signal.getsignal(signal.SIGTERM)
     stats = ScoringService(cfg, _SigtermOnFirstScore(teacher), store).run()  # returns instead of dying
     assert signal.getsignal(signal.SIGTERM) is before
-    assert 1 <= stats["landed"] <= 6
-    assert stats["messages_scored"] == stats["landed"]  # the step in hand is scored before the exit
+    # The signal comes while the first page is in the teacher, which overlaps the next poll's landing: at most
+    # two polls of 6 land, and what landed is scored before the exit (the step in hand, then one more page).
+    assert 1 <= stats["landed"] <= 12
+    assert stats["messages_scored"] == stats["landed"]
     assert stats["retries"] == 0
     assert store.count_scored(teacher.teacher_id) == stats["messages_scored"]
     assert kafka_offsets(kafka_broker.bootstrap, topic, cfg.group_id) == (20, stats["landed"])

@@ -218,3 +218,15 @@ def test_commits_of_partitions_no_longer_owned_are_forgotten():
     meter.committed({tp(0): 1})
     meter.measure(consumer, [])  # revoked
     assert meter.measure(consumer, [tp(0)]) == {0: 0}  # reassigned: the position it resumed from counts
+
+
+def test_a_trajectory_landed_while_the_page_was_in_the_teacher_and_behind_it_is_still_scored():
+    store = FakeStore()
+    backlog = Backlog(store, "teacher", hold=16)
+    backlog.own(frozenset({0, 1}))
+    _landed(store, backlog, [LoggedTrajectory(traj(5), 0, 0)])
+    page = backlog.next_page(limit=8, budget_tokens=100)
+    _landed(store, backlog, [LoggedTrajectory(traj(2), 1, 0)])  # the next poll, another partition, older
+    store.scored |= {lt.trajectory.trajectory_id for lt in page}
+    backlog.done(page)
+    assert [lt.trajectory.trajectory_id for lt in backlog.next_page(limit=8, budget_tokens=100)] == ["t002"]
