@@ -42,7 +42,7 @@ from _common import model_pair, sample_rollouts
 from feature_store.store import FeatureStore
 from message_bus.broker import TansuBroker, free_port
 from message_bus.topics import ensure_topics, producer_config
-from schemas.tables import TeacherScoreRow
+from schemas.tables import TeacherScoreRow, TrajectoryRow
 from schemas.trajectory import TrajectoryV1
 from scoring_efficiency import to_trajectories
 
@@ -92,9 +92,31 @@ def scored(store: FeatureStore) -> tuple[int, int, datetime | None]:
     return n, tokens, last and (last.replace(tzinfo=UTC) if last.tzinfo is None else last)
 
 
+def by_partition(store: FeatureStore) -> dict[int, tuple[int, datetime]]:
+    """partition -> (score rows, time of its last score row)."""
+    with Session(store.engine) as s:
+        rows = s.execute(sa.select(TrajectoryRow.log_partition, sa.func.count(), sa.func.max(TeacherScoreRow.scored_at))
+                         .join(TrajectoryRow, TrajectoryRow.trajectory_id == TeacherScoreRow.trajectory_id)
+                         .group_by(TrajectoryRow.log_partition)).all()
+    return {p: (n, last.replace(tzinfo=UTC) if last.tzinfo is None else last) for p, n, last in rows}
+
+
+def replica_split(store: FeatureStore, owned: list[set[int]], started: datetime) -> str:
+    """Each replica's share of the round and when it finished: a burst ends with its busiest replica, so the
+    keys' split over partitions (random, even only on average) shows in a short round's time."""
+    parts = by_partition(store)
+    out = []
+    for i, mine in enumerate(owned):
+        rows = sum(parts[p][0] for p in mine if p in parts)
+        done = max((parts[p][1] for p in mine if p in parts), default=started)
+        out.append(f"scorer-{i} partitions {sorted(mine)}: {rows} rows, done at {(done - started).total_seconds():.2f} s")
+    return "; ".join(out)
+
+
 def run_round(bootstrap: str, workdir: Path, teacher_dir: Path, trajs: list[TrajectoryV1], replicas: int,
-              threads: int, args: argparse.Namespace) -> tuple[int, float, float]:
-    """(tokens, seconds, join seconds) of one config: `replicas` processes x `threads` torch threads."""
+              threads: int, args: argparse.Namespace) -> tuple[int, float, float, str]:
+    """(tokens, seconds, join seconds, the replicas' split) of one config: `replicas` processes x `threads`
+    torch threads."""
     tag = uuid.uuid4().hex[:8]
     topic, dlq, store_url = f"bench.scale.{tag}", f"bench.scale.{tag}.dlq", f"sqlite:///{workdir}/store-{tag}.db"
     ensure_topics(bootstrap, {topic: args.partitions, dlq: 1})
@@ -112,6 +134,7 @@ def run_round(bootstrap: str, workdir: Path, teacher_dir: Path, trajs: list[Traj
                 raise RuntimeError(f"the replicas never split the partitions; see {workdir}/scorer-*.log")
             time.sleep(0.2)
         join_s = time.monotonic() - joined_at
+        owned = [p.owned() for p in procs]
         payloads = [(t.key, t.model_copy(update={"trajectory_id": uuid.uuid4().hex}).to_bytes()) for t in trajs]
         started = datetime.now(UTC)
         send_all(bootstrap, topic, payloads)
@@ -127,7 +150,8 @@ def run_round(bootstrap: str, workdir: Path, teacher_dir: Path, trajs: list[Traj
     n, tokens, last = done
     if n != len(trajs):
         raise RuntimeError(f"{n} score rows for {len(trajs)} trajectories")
-    return tokens, (last - started).total_seconds(), join_s
+    split = replica_split(FeatureStore(store.engine), owned, started)
+    return tokens, (last - started).total_seconds(), join_s, split
 
 
 def main() -> None:
@@ -161,10 +185,11 @@ def main() -> None:
         for rnd in range(args.rounds):
             replicas = (1, 2, 2, 1)[rnd % 4]
             threads = args.threads // replicas
-            tokens, seconds, join_s = run_round(broker.bootstrap, workdir, teacher_dir, trajs, replicas, threads, args)
+            tokens, seconds, join_s, split = run_round(broker.bootstrap, workdir, teacher_dir, trajs, replicas, threads,
+                                                       args)
             rates[replicas].append(tokens / seconds)
             print(f"round {rnd}: {replicas} replica(s) x {threads} thread(s): {tokens} tok in {seconds:.2f} s = "
-                  f"{tokens / seconds:.0f} tok/s (group join {join_s:.1f} s, not timed)", flush=True)
+                  f"{tokens / seconds:.0f} tok/s (group join {join_s:.1f} s, not timed); {split}", flush=True)
     pairs = [two / one for one, two in zip(rates[1], rates[2])]
     summary = {"1x_tok_s": [round(r) for r in rates[1]], "2x_tok_s": [round(r) for r in rates[2]],
                "ratio_per_pair": [round(r, 3) for r in pairs]}
