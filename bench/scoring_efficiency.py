@@ -16,6 +16,14 @@ tokens/s) (the pooled ratio is printed too; a load burst from other users skews 
 Each round also prints the scorer's own cost per trajectory, (service seconds - bare seconds) / trajectories:
 the time a trajectory costs beyond its teacher forward, which is what caps a scorer next to a fast teacher.
 
+`--cross-tokenizer` prices a teacher of another model family: the service scores through `CrossTokenizerTeacher`
+(re-render in the teacher's template, tokenize, align spans, project) and the bare side is the wrapped teacher's
+forward alone on the very views' teacher ids (built beforehand, untimed). The teacher is the tiny Gemma-like one
+(`--real`: Gemma 3 270M, scoring SmolLM2's samples). A random tiny model samples random bytes, which no other
+tokenizer can align, so the tiny run's completions are the student tokenizer's encoding of real prompt texts;
+unalignable samples of `--real` are counted and left out before timing. The trajectories are v2, as serving writes
+them (messages, texts, offsets). Target >= 0.85.
+
 `--null-teacher` measures that ceiling directly: the same service with a teacher that answers at once (zero
 logprobs, no model), so the time is the scorer's own (poll, CRC check, decode, land, commit, backlog query,
 score rows, write). It prints trajectories/s; its last line is the median over rounds of ms per trajectory.
@@ -23,6 +31,8 @@ score rows, write). It prints trajectories/s; its last line is the median over r
     .venv/bin/python bench/scoring_efficiency.py                       # tiny models, about a minute
     .venv/bin/python bench/scoring_efficiency.py --real -n 64 --max-tokens 64   # SmolLM2-135M teacher
     .venv/bin/python bench/scoring_efficiency.py --null-teacher -n 1024         # the scorer's own cost
+    .venv/bin/python bench/scoring_efficiency.py --cross-tokenizer              # tiny student, Gemma-like teacher
+    .venv/bin/python bench/scoring_efficiency.py --cross-tokenizer --real -n 64  # SmolLM2 -> Gemma 3 270M
 """
 
 from __future__ import annotations
@@ -63,6 +73,9 @@ class RecordingTeacher:
         self.inner, self.teacher_id, self.vocab_size = inner, inner.teacher_id, inner.vocab_size
         self.tokenizer_fingerprint, self.temperature = inner.tokenizer_fingerprint, inner.temperature
         self.batches: list[list[TrajectoryV1]] = []
+        for hook in ("refusal", "seq_len", "prepare", "student_tokenizer_fingerprint"):  # a cross-tokenizer teacher's
+            if hasattr(inner, hook):
+                setattr(self, hook, getattr(inner, hook))
 
     def score(self, batch: list[TrajectoryV1], topk: int = 0) -> list[TeacherScores]:
         self.batches.append(list(batch))
@@ -106,6 +119,55 @@ def to_trajectories(rollouts: list[Rollout], model_id: str) -> list[TrajectoryV1
     ]
 
 
+def as_v2(trajs: list[TrajectoryV1], student_dir: Path) -> list:
+    """The same trajectories as serving writes them (v2): the request's messages (rollout i answered prompt text
+    i mod 40, in `_common`), the rendered prompt, the completion text and its offsets (built here, untimed)."""
+    from _common import prompt_texts
+    from model_runtime.models import eos_token_ids, load_tokenizer
+    from schemas.trajectory import TrajectoryV2
+    from serving.trajectories import CompletionTexts
+
+    tok, texts = load_tokenizer(student_dir), prompt_texts()
+    stops = eos_token_ids(tok)
+    out = []
+    for i, t in enumerate(trajs):
+        done = CompletionTexts.of(tok, t.completion_token_ids, stops)
+        fields = t.model_dump(exclude={"schema_version", "prompt_text", "completion_text"})
+        out.append(TrajectoryV2(**fields, prompt_kind="chat", messages=[{"role": "user", "content": texts[i % len(texts)]}],
+                                prompt_text=tok.decode(t.prompt_token_ids, skip_special_tokens=False),
+                                completion_text=done.text, completion_offsets=done.offsets))
+    return out
+
+
+def text_rollouts(student_dir: Path, n: int, *, min_tokens: int, max_tokens: int, seed: int = 0) -> list[Rollout]:
+    """Chat prompts answered by real text (other prompt texts, cut to a random length, then EOS): what a cross-
+    tokenizer bench needs from a random tiny student, whose own samples are random bytes."""
+    import random
+
+    from _common import prompt_texts
+    from model_runtime.chat import user_prompt_ids
+    from model_runtime.models import load_tokenizer
+
+    tok, texts, rng = load_tokenizer(student_dir), prompt_texts(), random.Random(seed)
+    out = []
+    for i in range(n):
+        answer = " ".join(texts[(i + k) % len(texts)] for k in range(1, 4))
+        ids = tok.encode(answer, add_special_tokens=False)[:rng.randint(min_tokens, max_tokens) - 1]
+        ids = tok.encode(tok.decode(ids), add_special_tokens=False) + [tok.eos_token_id]  # no cut character
+        out.append(Rollout(user_prompt_ids(tok, texts[i % len(texts)]), ids, [-1.0] * len(ids), len(ids), "stop"))
+    return out
+
+
+def cross_bare_pass(prep, batches: list[list[TrajectoryV1]]) -> Tally:
+    """The wrapped teacher's forward alone on the teacher ids of the service's batches (views built untimed)."""
+    views = [[prep.view(t) for t in batch] for batch in batches]
+    started = time.perf_counter()
+    for batch in views:
+        prep.inner.score_ids([v.prompt_ids for v in batch], [v.completion_ids for v in batch], 0)
+    tokens = sum(len(t.completion_token_ids) for b in batches for t in b)
+    return Tally(tokens, time.perf_counter() - started)
+
+
 def send_all(bootstrap: str, topic: str, trajs: list[TrajectoryV1]) -> None:
     producer = KafkaProducer(**producer_config(bootstrap))
     for f in [producer.send(topic, key=t.key, value=t.to_bytes()) for t in trajs]:
@@ -145,6 +207,31 @@ def service_pass(cfg: ScoringConfig, teacher: RecordingTeacher, store: FeatureSt
     return Tally(stats["tokens_scored"], seconds), join_s
 
 
+def cross_setup(real: bool, workdir: Path, student_dir: Path):
+    """(the service's cross-tokenizer teacher, a second one that builds the bare side's views): the tiny
+    Gemma-like teacher, or Gemma 3 270M with `real`. Separate instances, so the service pays for every view it
+    uses (a teacher keeps the views it built)."""
+    from model_runtime.gemma import ensure_gemma
+    from model_runtime.models import load_tokenizer
+    from model_runtime.tiny import build_tiny_cross_teacher
+    from shadow_scoring.cross_tokenizer import CrossTokenizerTeacher
+
+    # tiny: as deep as the tiny same-tokenizer teacher (4 layers), so both benches price the same forward
+    folder = ensure_gemma() if real else build_tiny_cross_teacher(workdir / "cross-teacher", n_layers=4)
+    inner = EmbeddedTeacher(folder, device="cpu")
+    student_tok, teacher_tok = load_tokenizer(student_dir), load_tokenizer(folder)
+    return tuple(CrossTokenizerTeacher(inner, student_tok, teacher_tok) for _ in range(2))
+
+
+def alignable(prep, trajs: list) -> list:
+    """The trajectories the cross-tokenizer teacher can align (the scorer dead-letters the others)."""
+    kept = [t for t in trajs if prep.refusal(t) is None]
+    prep._views.clear()
+    print(f"cross-tokenizer teacher {prep.teacher_id}: {len(trajs) - len(kept)} of {len(trajs)} trajectories "
+          "cannot be aligned (left out before timing; the scorer dead-letters them)")
+    return kept
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct teacher and its student")
@@ -158,6 +245,8 @@ def main() -> None:
     ap.add_argument("--max-poll-records", type=int, default=256)
     ap.add_argument("--topk", type=int, default=0)
     ap.add_argument("--null-teacher", action="store_true", help="a teacher that answers at once: the scorer's own cost")
+    ap.add_argument("--cross-tokenizer", action="store_true",
+                    help="a teacher of another tokenizer (tiny Gemma-like; --real: Gemma 3 270M)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     real = args.real or args.model_dir is not None
@@ -167,14 +256,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, TansuBroker() as broker:
         teacher_dir, student_dir = model_pair(real, Path(tmp), args.model_dir, drop_layers=args.drop_layers)
         t0 = time.perf_counter()
-        rollouts = sample_rollouts(student_dir, n, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
-                                   batch_size=16 if real else 64)
+        if args.cross_tokenizer and not real:
+            rollouts = text_rollouts(student_dir, n, min_tokens=args.min_tokens, max_tokens=args.max_tokens)
+        else:
+            rollouts = sample_rollouts(student_dir, n, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
+                                       batch_size=16 if real else 64)
         lengths = sorted(len(r.completion_ids) for r in rollouts)
         print(f"sampled {n} student trajectories in {time.perf_counter() - t0:.1f} s; completion tokens "
               f"min {lengths[0]} median {lengths[len(lengths) // 2]} max {lengths[-1]} total {sum(lengths)}")
-        teacher = EmbeddedTeacher(teacher_dir, device="cpu")
+        prep = None
+        if args.cross_tokenizer:
+            teacher, prep = cross_setup(real, Path(tmp), student_dir)
+            teacher_dir = prep.tokenizer_dir
+        else:
+            teacher = EmbeddedTeacher(teacher_dir, device="cpu")
         recorder = (NullTeacher if args.null_teacher else RecordingTeacher)(teacher)
         trajs = to_trajectories(rollouts, teacher.teacher_id)
+        if args.cross_tokenizer:
+            trajs = alignable(prep, as_v2(trajs, student_dir))
+            n = len(trajs)
         bare_pass(teacher, [trajs[:8]], args.topk)  # warm-up: first-call allocations
         service_total, bare_total = Tally(), Tally()
         round_ratios: list[float] = []
@@ -196,12 +296,15 @@ def main() -> None:
                 continue
             # The bare pass needs the service's batches, so within a round the service goes first; odd rounds
             # re-score the previous round's batches before their own service pass (ABBA over two rounds).
+            def bare_side(batches):
+                return cross_bare_pass(prep, batches) if prep is not None else bare_pass(teacher, batches, args.topk)
+
             if rnd % 2 == 1:
-                bare = bare_pass(teacher, previous_batches, args.topk)
+                bare = bare_side(previous_batches)
             svc, join_s = service_pass(cfg, recorder, FeatureStore.open(cfg.store_url), round_trajs)
             previous_batches = list(recorder.batches)
             if rnd % 2 == 0:
-                bare = bare_pass(teacher, previous_batches, args.topk)
+                bare = bare_side(previous_batches)
             service_total.tokens += svc.tokens
             service_total.seconds += svc.seconds
             bare_total.tokens += bare.tokens
@@ -221,7 +324,8 @@ def main() -> None:
           f"{statistics.median(own_ms):.3f} ms (per round {' '.join(f'{m:.3f}' for m in own_ms)})")
     pooled = service_total.tokens_per_s / bare_total.tokens_per_s
     print(f"end-to-end {service_total.tokens_per_s:.0f} tok/s vs bare teacher {bare_total.tokens_per_s:.0f} tok/s "
-          f"({'SmolLM2' if real else 'tiny'}, {n} trajectories x {args.rounds} rounds): pooled ratio {pooled:.3f}; "
+          f"({'SmolLM2' if real else 'tiny'}{' -> cross-tokenizer teacher' if prep else ''}, {n} trajectories x "
+          f"{args.rounds} rounds): pooled ratio {pooled:.3f}; "
           f"per-round {' '.join(f'{r:.3f}' for r in round_ratios)}; last line: their median, target >= 0.85")
     print(f"{statistics.median(round_ratios):.3f}")
 

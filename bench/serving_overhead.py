@@ -22,7 +22,6 @@ cost of shipping them (no NOWAL phase then).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -31,11 +30,9 @@ import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import openai
-
+from _clients import MESSAGES, Phase, merge, report, run_phase
 from message_bus.broker import TansuBroker
 from message_bus.topics import ensure_topics
 from model_runtime.threads import torch_threads
@@ -45,71 +42,6 @@ from serving.engine import EmbeddedEngine
 from serving.shadow_log import ShadowLogger
 from schemas.trajectory import SamplingParams, TrajectoryV1
 from serving.trajectories import MemorySink
-
-MESSAGES = [{"role": "user", "content": "Write a short poem about the sea in exactly three lines."}]
-
-
-@dataclass
-class Phase:
-    name: str
-    latencies_s: list[float] = field(default_factory=list)
-    tokens: int = 0
-    elapsed_s: float = 0.0
-
-    @property
-    def throughput(self) -> float:
-        return len(self.latencies_s) / self.elapsed_s if self.elapsed_s else 0.0
-
-    def quantile(self, q: float) -> float:
-        data = sorted(self.latencies_s)
-        return data[min(len(data) - 1, int(q * len(data)))] if data else float("nan")
-
-
-async def _load(url: str, model: str, requests: int, concurrency: int, max_tokens: int,
-                first_seed: int) -> tuple[list[float], int, float]:
-    """(latencies, completion tokens, wall time) of `requests` chat requests from `concurrency` closed loops."""
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=120)
-    seeds = iter(range(first_seed, first_seed + requests))
-    latencies: list[float] = []
-    tokens = 0
-
-    async def worker() -> None:
-        nonlocal tokens
-        for seed in seeds:  # one shared iterator: each seed is taken by exactly one worker
-            t0 = time.perf_counter()
-            r = await client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=max_tokens, seed=seed)
-            latencies.append(time.perf_counter() - t0)
-            tokens += r.usage.completion_tokens
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    await client.close()
-    return latencies, tokens, elapsed
-
-
-def load_in_child(*load_args) -> tuple[list[float], int, float]:
-    """Runs in the client process: the load generator must not share the server's GIL, as no real client does."""
-    return asyncio.run(_load(*load_args))
-
-
-def run_phase(clients: ProcessPoolExecutor, url: str, model: str, phase: Phase, args: argparse.Namespace,
-              first_seed: int) -> None:
-    latencies, tokens, elapsed = clients.submit(load_in_child, url, model, args.requests, args.concurrency,
-                                                args.max_tokens, first_seed).result()
-    phase.latencies_s += latencies
-    phase.tokens += tokens
-    phase.elapsed_s += elapsed
-
-
-def merge(parts: list[Phase]) -> Phase:
-    total = Phase(parts[0].name)
-    for p in parts:
-        total.latencies_s += p.latencies_s
-        total.tokens += p.tokens
-        total.elapsed_s += p.elapsed_s
-    return total
-
 
 def sample_trajectory(i: int) -> TrajectoryV1:
     """A trajectory of the size the bench's requests log (a chat prompt, 32 tokens, both texts)."""
@@ -138,12 +70,6 @@ def submit_cost_us(bootstrap: str, topic: str, tmp: Path, n: int = 600, rounds: 
         for logger in loggers.values():
             logger.close(10.0)
     return {name: (sorted(t)[len(t) // 2], sorted(t)[int(0.99 * len(t))]) for name, t in times.items()}
-
-
-def report(p: Phase) -> str:
-    return (f"{p.name:>4}: {len(p.latencies_s):5d} requests  {p.throughput:7.2f} req/s  "
-            f"{p.tokens / p.elapsed_s:8.1f} tok/s  p50 {p.quantile(0.5) * 1000:7.1f} ms  "
-            f"p99 {p.quantile(0.99) * 1000:7.1f} ms")
 
 
 def main(argv: list[str] | None = None) -> None:

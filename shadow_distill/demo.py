@@ -120,11 +120,10 @@ def run_airflow_dag(workdir: Path, cfg_path: Path, start: datetime, end: datetim
 
 def run_demo(cfg: DemoConfig) -> dict:
     from feature_store import FeatureStore
-    from message_bus.topics import ensure_topics
+    from message_bus.topics import ensure_trajectory_topics
     from model_registry.registry import Registry
     from model_runtime.models import ModelMeta
     from nightly_train.config import NightlyConfig
-    from schemas.trajectory import DEAD_LETTER_TOPIC, DEFAULT_TOPIC
     from shadow_distill import stack
     from shadow_distill.models_setup import resolve_models
 
@@ -144,7 +143,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     try:
         p.step("starting Kafka-protocol broker (Tansu) and MLflow server")
         bootstrap, mlflow_uri = stack.start_broker(sup), stack.start_mlflow(sup)
-        ensure_topics(bootstrap, {DEFAULT_TOPIC: 4, DEAD_LETTER_TOPIC: 1})
+        ensure_trajectory_topics(bootstrap)
         # One night's log is small (~50 training trajectories): re-used for many epochs it is over-fitted once the
         # policy has left the adapter that logged it (importance ratios in the hundreds, held-out KL flat; see
         # docs/distillation-results.md). So: two passes over the log, and most of each step from fresh rollouts.

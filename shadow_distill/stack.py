@@ -213,6 +213,7 @@ def airflow_env(home: Path, dags_dir: Path, nightly_config: Path) -> dict[str, s
 
 # ---- CLI ---------------------------------------------------------------------------------------------------
 def cmd_up(args) -> None:
+    from message_bus.topics import ensure_trajectory_topics
     from shadow_distill.nightly_file import write_nightly_config
     from shadow_distill.models_setup import resolve_models
 
@@ -223,6 +224,7 @@ def cmd_up(args) -> None:
     store_url = f"sqlite:///{(sup.folder / 'store.db').resolve()}"
     try:
         bootstrap = start_broker(sup)
+        ensure_trajectory_topics(bootstrap)  # the partition count is chosen here, not by broker auto-creation
         mlflow_uri = start_mlflow(sup)
         cfg_path = write_nightly_config(sup.folder, store_url, mlflow_uri, teacher_dir, student_dir, tiny=args.tiny)
         from nightly_train.config import NightlyConfig

@@ -145,7 +145,8 @@ class ScoringService:
             self._metrics_server, _ = start_http_server(cfg.metrics_port, cfg.metrics_host, registry)
         log.info("scoring %s as group %s with teacher %s (tokenizer %s, temperature %g); storing top-%d: "
                  "%d bytes per completion token", cfg.topic, cfg.group_id, self.teacher.teacher_id,
-                 self.teacher.tokenizer_fingerprint, self.teacher.temperature, cfg.topk, bytes_per_token(cfg.topk))
+                 self.teacher.tokenizer_fingerprint, self.teacher.temperature, cfg.stored_topk,
+                 bytes_per_token(cfg.stored_topk))
         return self
 
     def close(self) -> None:
@@ -255,6 +256,10 @@ class ScoringService:
         self._progress_at = time.monotonic()
         self._account_landing(kept, new_rows, bad, dups)
         self._backlog.landed(kept)
+        if (prepare := getattr(self.teacher, "prepare", None)) is not None:
+            # A cross-tokenizer teacher re-renders and aligns what was just landed here, on the consumer thread,
+            # while the teacher thread runs the previous page's forward: the next step finds the views built.
+            prepare([lt.trajectory for lt in kept])
 
     def _progress(self, records: list[ConsumerRecord], decoded, capped: bool) -> list[PartitionProgress]:
         """This poll's per-partition progress (`landing.partition_progress`); end offsets are asked for only
@@ -323,7 +328,7 @@ class ScoringService:
         if not page:
             return page, None
         return page, self._teacher_thread.submit(score_page, self.teacher, [lt.trajectory for lt in page],
-                                                 cfg.batch_tokens, cfg.topk)
+                                                 cfg.batch_tokens, cfg.stored_topk)
 
     def _finish_scoring(self, page: list[LoggedTrajectory], scoring: Future) -> None:
         """Wait for the page's scores (a teacher outage is retried here, inline), dead-letter the refusals, write."""
@@ -331,7 +336,7 @@ class ScoringService:
         trajs = [lt.trajectory for lt in page]
         first = [scoring]
         outcome = self._retry("teacher", lambda: first.pop().result() if first else
-                              score_page(self.teacher, trajs, cfg.batch_tokens, cfg.topk))
+                              score_page(self.teacher, trajs, cfg.batch_tokens, cfg.stored_topk))
         refused = [(page[i], exc) for i, exc in outcome.rejected]
         self._retry("dead-letter topic", lambda: self._dead_letter_refusals(refused))
         written = self._retry("database", lambda: write_page(self.store, self.teacher, trajs, outcome))

@@ -8,6 +8,9 @@ tokenized by the teacher. The wrapped teacher scores those ids (vLLM: `prompt_lo
 token ids), and the view projects the scores back onto the student's tokens: per student token its span's share
 and its span id (`TeacherScores.span_id_C`), which the trainer turns into span advantages.
 
+The scorer calls `prepare` on its consumer thread for what it has just landed, so the re-rendering and the
+alignment run while the teacher thread computes the previous page's forward (one Python thread, one torch).
+
 A trajectory that cannot be aligned (it decodes to U+FFFD, holds a special token inside the completion, its
 prompt is no chat rendering of the student's template, its logged offsets disagree with the student tokenizer)
 is refused before any teacher work (`refusal`), with the reason: the scorer records and dead-letters it, and
@@ -86,6 +89,15 @@ class CrossTokenizerTeacher:
             raise AlignmentError("the logged completion_offsets disagree with the student tokenizer's decoding "
                                  "(is serving's tokenizer the student's?)")
         return view
+
+    def prepare(self, trajs: Sequence[Trajectory]) -> None:
+        """Build (and keep) the views of trajectories about to be scored: the scorer calls this on its consumer
+        thread after landing them, so re-rendering and alignment overlap the previous page's teacher forward."""
+        for traj in trajs[:_VIEW_CACHE // 2]:
+            try:
+                self.view(traj)
+            except AlignmentError:
+                pass  # refused again, with the reason, when its page is scored
 
     def refusal(self, traj: Trajectory) -> UnalignableTrajectory | None:
         """Why `traj` cannot be scored by this teacher (checked before any teacher work), or None."""
