@@ -362,19 +362,25 @@ def _kill_and_recover(kafka_broker, store_url, teacher, tmp_path, kills: list[st
         return [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
 
     scorers = [start(mode) for mode in [*kills, "none:0"]]
-    for done, ((proc, go), mode) in enumerate(zip(scorers, kills), start=1):
+    try:
+        for done, ((proc, go), mode) in enumerate(zip(scorers, kills), start=1):
+            go.touch()
+            wait_for(lambda: sum("hang" in e for e in entries()) == done or proc.poll() is not None, 60, mode)
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        final, go = scorers[-1]
         go.touch()
-        wait_for(lambda: sum("hang" in e for e in entries()) == done or proc.poll() is not None, 60, mode)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    final, go = scorers[-1]
-    go.touch()
-    wait_for(lambda: store.count_scored(teacher.teacher_id) == 40 or final.poll() is not None, 60, "all 40 scored")
-    wait_for(lambda: kafka_offsets(kafka_broker.bootstrap, topic, cfg.group_id) == (40, 40), 30, "offsets")
-    final.send_signal(signal.SIGTERM)  # graceful: finish, commit, exit 0
-    out, err = final.communicate(timeout=30)
-    assert final.returncode == 0, err[-3000:]
+        wait_for(lambda: store.count_scored(teacher.teacher_id) == 40 or final.poll() is not None, 60, "all 40 scored")
+        wait_for(lambda: kafka_offsets(kafka_broker.bootstrap, topic, cfg.group_id) == (40, 40), 30, "offsets")
+        final.send_signal(signal.SIGTERM)  # graceful: finish, commit, exit 0
+        out, err = final.communicate(timeout=30)
+        assert final.returncode == 0, err[-3000:]
+    finally:  # a failed wait must not leave scorer processes behind
+        for proc, _ in scorers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
     store.engine.dispose()
     return entries(), json.loads(out.strip().splitlines()[-1])
 
