@@ -85,3 +85,14 @@ def report(p: Phase) -> str:
     return (f"{p.name:>4}: {len(p.latencies_s):5d} requests  {p.throughput:7.2f} req/s  "
             f"{p.tokens / p.elapsed_s:8.1f} tok/s  p50 {p.quantile(0.5) * 1000:7.1f} ms  "
             f"p99 {p.quantile(0.99) * 1000:7.1f} ms")
+
+
+def compare_on_off(phases: dict[str, list[Phase]]) -> tuple[Phase, Phase]:
+    """Prints the OFF and ON totals and the per-round ON/OFF throughput ratios; returns (on, off) merged."""
+    on_total, off_total = merge(phases["on"]), merge(phases["off"])
+    print(report(off_total))
+    print(report(on_total))
+    ratios = sorted(on.throughput / off.throughput for on, off in zip(phases["on"], phases["off"], strict=True))
+    print(f"per-round ratios on/off: {' '.join(f'{r:.3f}' for r in ratios)} "
+          f"(median {ratios[len(ratios) // 2]:.3f}; their spread is this host's noise)")
+    return on_total, off_total

@@ -32,7 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
-from _clients import MESSAGES, Phase, merge, report, run_phase
+from _clients import MESSAGES, Phase, compare_on_off, merge, report, run_phase
 from message_bus.broker import TansuBroker
 from message_bus.topics import ensure_topics
 from model_runtime.threads import torch_threads
@@ -122,12 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                 sink.close(10.0)
         stats = sinks["on"].stats()
         cost = submit_cost_us(broker.bootstrap, topic, Path(tmp)) if args.sink == "kafka" else None
-    on_total, off_total = merge(phases["on"]), merge(phases["off"])
-    print(report(off_total))
-    print(report(on_total))
-    pair_ratios = sorted(on.throughput / off.throughput for on, off in zip(phases["on"], phases["off"], strict=True))
-    print(f"per-round ratios on/off: {' '.join(f'{r:.3f}' for r in pair_ratios)} "
-          f"(median {pair_ratios[len(pair_ratios) // 2]:.3f}; their spread is this host's noise)")
+    on_total, off_total = compare_on_off(phases)
     print(f"shadow log: accepted {stats.get('accepted')} sent {stats.get('sent')} spooled {stats.get('spooled')} "
           f"dropped {stats.get('dropped')} wal_syncs {stats.get('wal_syncs')}")
     print(f"throughput ratio on/off: {on_total.throughput / off_total.throughput:.3f}")

@@ -29,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _clients import Phase, merge, report, run_phase  # noqa: E402
+from _clients import Phase, compare_on_off, report, run_phase  # noqa: E402
 
 from model_runtime.adapters import random_adapter  # noqa: E402
 from model_runtime.threads import torch_threads  # noqa: E402
@@ -99,12 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             engine.close()
         status = mirror.status()
-    on_total, off_total = merge(phases["on"]), merge(phases["off"])
-    print(report(off_total))
-    print(report(on_total))
-    ratios = sorted(on.throughput / off.throughput for on, off in zip(phases["on"], phases["off"], strict=True))
-    print(f"per-round ratios on/off: {' '.join(f'{r:.3f}' for r in ratios)} "
-          f"(median {ratios[len(ratios) // 2]:.3f}; their spread is this host's noise)")
+    on_total, off_total = compare_on_off(phases)
     print(f"mirrored {status['mirrored']} of {status['selected']} selected requests "
           f"({status['dropped']} dropped, {status['failed']} failed); client p50 on/off "
           f"{on_total.quantile(0.5) / off_total.quantile(0.5):.3f}")

@@ -148,7 +148,7 @@ class EmbeddedEngine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, base_model_id: str, *,
                  max_model_len: int | None = None, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
-                 observer: EngineObserver | None = None):
+                 background_idle_ms: float = 20.0, observer: EngineObserver | None = None):
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
         model_limit = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
@@ -159,6 +159,9 @@ class EmbeddedEngine:
         self.max_model_len = max_model_len or model_limit or 2048
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000.0
+        # Background work runs alone only after this long without a client job: closed-loop clients resubmit a
+        # few ms after their answers, and a mirrored generation started in that gap would hold all of them.
+        self.background_idle_s = background_idle_ms / 1000.0
         self.observer = observer
         self.eos_ids = eos_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id
@@ -270,8 +273,8 @@ class EmbeddedEngine:
     def _take_batch(self) -> list[GenerationJob]:
         """Client jobs first, filling a batch for up to `batch_wait_ms`. Background jobs never delay a client: they
         ride along in the free rows of a client batch when they are no longer than its rows (`max_tokens`), and
-        run on their own only when no client job waits, without waiting for more (a client arriving meanwhile
-        waits at most that one batch)."""
+        run on their own only when no client job has arrived for `background_idle_ms`, without waiting for more
+        (a client arriving meanwhile waits at most that one batch)."""
         batch: list[GenerationJob] = []
         rows = 0
         deadline = time.monotonic() + self.batch_wait_s
@@ -281,8 +284,12 @@ class EmbeddedEngine:
                 remaining = deadline - time.monotonic()
                 full = rows >= self.max_batch_size or (self._jobs and batch)
                 if not batch and not self._jobs and self._background and not self._closing:
-                    self._fill(batch, self._background, 0)
-                    return batch
+                    if not self._cond.wait_for(lambda: self._jobs or self._ops or self._closing,
+                                               self.background_idle_s):
+                        self._fill(batch, self._background, 0)
+                        return batch
+                    deadline = time.monotonic() + self.batch_wait_s  # a client came: fill its batch as usual
+                    continue
                 if not batch or full or remaining <= 0 or self._ops or self._closing:
                     if batch and rows < self.max_batch_size:
                         longest = max(r.params.max_tokens for job in batch for r in job.rows)

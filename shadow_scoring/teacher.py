@@ -88,6 +88,21 @@ def check_vocab(traj: Trajectory, vocab_size: int) -> None:
         raise InvalidTrajectory(f"{traj.trajectory_id}: token id {top} >= teacher vocabulary size {vocab_size}")
 
 
+class SameVocabularyTeacher:
+    """A teacher scoring the student's own ids: `score` checks them against its vocabulary, then `score_ids`."""
+
+    vocab_size: int
+
+    def score(self, batch: list[Trajectory], topk: int = 0) -> list[TeacherScores]:
+        for traj in batch:
+            check_vocab(traj, self.vocab_size)
+        return self.score_ids([t.prompt_token_ids for t in batch], [t.completion_token_ids for t in batch], topk)
+
+    def score_ids(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                  topk: int = 0) -> list[TeacherScores]:
+        raise NotImplementedError
+
+
 def score_in_batches(teacher: Teacher, trajs: Sequence[Trajectory], batch_tokens: int,
                      topk: int = 0) -> list[TeacherScores | InvalidTrajectory]:
     """Score every trajectory, batched by token budget; results come back in the order of `trajs`.
@@ -124,7 +139,7 @@ def score_in_batches(teacher: Teacher, trajs: Sequence[Trajectory], batch_tokens
 
 
 # ---- embedded teacher -----------------------------------------------------------------------------------------
-class EmbeddedTeacher:
+class EmbeddedTeacher(SameVocabularyTeacher):
     """A causal LM loaded in this process; one forward pass per `score` call (one left-padded batch)."""
 
     def __init__(self, model_dir: str | Path, device: str = "auto", temperature: float = 1.0,
@@ -147,11 +162,6 @@ class EmbeddedTeacher:
         self.vocab_size = int(self.model.config.vocab_size)
         # Padded positions are masked out, so any valid id will do.
         self.pad_id = int(self.model.generation_config.pad_token_id or self.model.config.pad_token_id or 0)
-
-    def score(self, batch: list[Trajectory], topk: int = 0) -> list[TeacherScores]:
-        for traj in batch:
-            check_vocab(traj, self.vocab_size)
-        return self.score_ids([t.prompt_token_ids for t in batch], [t.completion_token_ids for t in batch], topk)
 
     def score_ids(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                   topk: int = 0) -> list[TeacherScores]:
@@ -201,7 +211,7 @@ def parse_prompt_logprobs(entries: list[dict[str, dict[str, Any]] | None], promp
     return TeacherScores(logprobs_C, ids_CK, topk_logprobs_CK)
 
 
-class OpenAITeacher:
+class OpenAITeacher(SameVocabularyTeacher):
     """A teacher behind an OpenAI-compatible server that implements vLLM's `prompt_logprobs` (e.g. `vllm serve`).
 
     `model` is the served model name; it is also the `teacher_id` scores are stored under unless
@@ -257,11 +267,6 @@ class OpenAITeacher:
         if status != 200:
             raise ConfigError(f"teacher server {self.base_url} refused model {self.model!r} ({status}): {detail}")
         return resp.json()
-
-    def score(self, batch: list[Trajectory], topk: int = 0) -> list[TeacherScores]:
-        for traj in batch:
-            check_vocab(traj, self.vocab_size)
-        return self.score_ids([t.prompt_token_ids for t in batch], [t.completion_token_ids for t in batch], topk)
 
     def score_ids(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                   topk: int = 0) -> list[TeacherScores]:

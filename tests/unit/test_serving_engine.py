@@ -235,6 +235,23 @@ def test_background_work_runs_only_when_no_client_work_waits(student):
         eng.close()
 
 
+def test_background_work_waits_out_a_short_gap_between_client_requests(student):
+    """Closed-loop clients resubmit a few ms after their answers: mirrored work started in that gap held them all."""
+    eng = new_engine(student, max_batch_size=2, batch_wait_ms=0, background_idle_ms=500)
+    try:
+        order = []
+        background = eng.submit([row(max_tokens=2, seed=2)], background=True)  # an idle engine
+        time.sleep(0.05)
+        client = eng.submit([row(max_tokens=2, seed=3)])
+        for name, job in (("background", background), ("client", client)):
+            job.future.add_done_callback(lambda _f, n=name: order.append(n))
+        for job in (background, client):
+            job.future.result(60)
+        assert order == ["client", "background"]
+    finally:
+        eng.close()
+
+
 def test_background_work_rides_along_in_the_free_rows_of_a_client_batch_never_longer_than_it(student):
     observer = Batches()
     eng = new_engine(student, max_batch_size=4, batch_wait_ms=0, observer=observer)
