@@ -176,7 +176,7 @@ def build_engine(config: ServingConfig, metrics: ServingMetrics) -> Engine:
         torch.set_num_threads(config.torch_threads)
     return EmbeddedEngine.from_dir(config.model_dir, config.device, max_model_len=config.max_model_len,
                                    max_batch_size=config.max_batch_size, batch_wait_ms=config.batch_wait_ms,
-                                   observer=metrics)
+                                   background_idle_ms=config.background_idle_ms, observer=metrics)
 
 
 def build_sink(config: ServingConfig) -> TrajectorySink | None:

@@ -48,6 +48,9 @@ class ServingConfig(StrictConfig):
     max_batch_size: int = Field(default=8, ge=1, le=1024, description="Rows (choices) per forward batch.")
     batch_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0,
                                  description="How long the worker waits for more requests to fill a batch.")
+    background_idle_ms: float = Field(default=20.0, ge=0.0, le=10000.0, description=(
+        "Mirrored (shadow) work runs in a batch of its own only after the worker saw no client request this long; "
+        "otherwise it rides along in the free rows of client batches."))
 
     # Request limits.
     max_model_len: int | None = Field(default=None, ge=2,
