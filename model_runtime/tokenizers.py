@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -69,3 +70,8 @@ def require_shared_tokenizer(student_folder: str | Path, teacher_fingerprint: st
             "student produced. A teacher of another model family is scored over aligned text spans: enable "
             "cross_tokenizer (the scorer's --cross-tokenizer, the nightly file's \"cross_tokenizer\": true)")
     return student_fp
+
+
+def decode_as_rendered(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+    """The text token ids spell exactly as rendered: chat template markers, special tokens and spaces kept."""
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)

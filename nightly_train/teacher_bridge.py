@@ -26,7 +26,7 @@ import torch
 from foundation.errors import AlignmentError
 from model_runtime.logprobs import completion_logprobs
 from model_runtime.models import eos_token_ids
-from model_runtime.tokenizers import tokenizer_fingerprint
+from model_runtime.tokenizers import decode_as_rendered, tokenizer_fingerprint
 from model_runtime.xtok import CrossTokenizer, TeacherView, score_views
 
 log = logging.getLogger(__name__)
@@ -78,18 +78,15 @@ class TeacherBridge:
     def pad_id(self) -> int:
         return self.teacher_tok.pad_token_id if self.teacher_tok.pad_token_id is not None else 0
 
-    def _student_prompt_text(self, prompt_ids: Sequence[int]) -> str:
-        return self.student_tok.decode(list(prompt_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
     def view(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> TeacherView:
         """The teacher's rendering of one student trajectory (AlignmentError when it has none)."""
-        return self.to_teacher.view(completion_ids, rendered_prompt=self._student_prompt_text(prompt_ids))
+        return self.to_teacher.view(completion_ids, rendered_prompt=decode_as_rendered(self.student_tok, prompt_ids))
 
     def teacher_prompt_ids(self, prompt_ids: Sequence[int]) -> list[int]:
         """The student's chat prompt as the teacher's template renders it (the prompt ids unchanged when shared)."""
         if not self.cross:
             return list(prompt_ids)
-        return self.to_teacher.teacher_prompt(rendered_prompt=self._student_prompt_text(prompt_ids))[1]
+        return self.to_teacher.teacher_prompt(rendered_prompt=decode_as_rendered(self.student_tok, prompt_ids))[1]
 
     @torch.no_grad()
     def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
@@ -131,8 +128,7 @@ class TeacherBridge:
                 continue
             views: dict[int, TeacherView] = {}
             for i in rows:
-                text = self.teacher_tok.decode(list(teacher_prompts[i]), skip_special_tokens=False,
-                                               clean_up_tokenization_spaces=False)
+                text = decode_as_rendered(self.teacher_tok, teacher_prompts[i])
                 try:
                     views[i] = self.to_student.view(teacher_completions[i], rendered_prompt=text)
                 except AlignmentError as exc:

@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from foundation.errors import AlignmentError
 from model_runtime.sampling import DecodeParams
+from model_runtime.tokenizers import decode_as_rendered
 from model_runtime.xtok import token_offsets
 from schemas.trajectory import ChatMessage, SamplingParams, Trajectory, TrajectoryV2
 from serving.engine_base import RowRequest, RowResult
@@ -190,11 +191,6 @@ def submit_all(sink: TrajectorySink, trajectories: Sequence[dict]) -> int:
     return sent
 
 
-def decode_prompt(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
-    """Token ids as a reviewer should read them: chat template markers and special tokens included."""
-    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
 class TrajectoryLog:
     """Turns one answered request into its trajectories, after its response: hashes, texts, redaction, submit."""
 
@@ -241,8 +237,8 @@ class TrajectoryLog:
         messages included) out of the message, and a cross-tokenizer scorer decodes the ids instead."""
         prompt_text = completion = None
         if self.log_texts or self.withholder.patterns:
-            prompt_text = decode_prompt(self.tokenizer, row.prompt_ids)
-            if self.withholder.withhold(prompt_text, decode_prompt(self.tokenizer, res.completion_ids)):
+            prompt_text = decode_as_rendered(self.tokenizer, row.prompt_ids)
+            if self.withholder.withhold(prompt_text, decode_as_rendered(self.tokenizer, res.completion_ids)):
                 return None
             if self.log_texts:
                 completion = CompletionTexts.of(self.tokenizer, res.completion_ids, row.params.stop_ids(self.eos_ids))

@@ -30,16 +30,12 @@ import numpy as np
 
 from feature_store.records import TeacherScores
 from foundation.errors import AlignmentError, UnalignableTrajectory
-from model_runtime.tokenizers import tokenizer_fingerprint
+from model_runtime.tokenizers import decode_as_rendered, tokenizer_fingerprint
 from model_runtime.xtok import CrossTokenizer, TeacherView
 from schemas.trajectory import Trajectory, TrajectoryV2
 
 log = logging.getLogger(__name__)
 _VIEW_CACHE = 4096  # views kept between the refusal check and the batch that scores them
-
-
-def _student_text(tokenizer, ids: Sequence[int]) -> str:
-    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 class CrossTokenizerTeacher:
@@ -71,9 +67,9 @@ class CrossTokenizerTeacher:
     def _render(self, traj: Trajectory) -> TeacherView:
         ids = traj.completion_token_ids
         if not isinstance(traj, TrajectoryV2):  # v1: no prompt kind; a chat rendering is parsed back out
-            return self.xt.view(ids, rendered_prompt=traj.prompt_text or _student_text(self.student_tok,
+            return self.xt.view(ids, rendered_prompt=traj.prompt_text or decode_as_rendered(self.student_tok,
                                                                                       traj.prompt_token_ids))
-        prompt = traj.prompt_text or _student_text(self.student_tok, traj.prompt_token_ids)
+        prompt = traj.prompt_text or decode_as_rendered(self.student_tok, traj.prompt_token_ids)
         if traj.prompt_kind == "text":
             view = self.xt.view(ids, raw_prompt=prompt, completion_text=traj.completion_text)
         elif not traj.add_generation_prompt or traj.continue_final_message:
@@ -104,7 +100,7 @@ class CrossTokenizerTeacher:
         try:
             self.view(traj)
         except AlignmentError as exc:
-            return UnalignableTrajectory(f"{traj.trajectory_id}: cannot be aligned with the teacher's tokenizer: {exc}")
+            return _unalignable(traj, exc)
         return None
 
     def score(self, batch: list[Trajectory], topk: int = 0) -> list[TeacherScores]:
@@ -116,8 +112,7 @@ class CrossTokenizerTeacher:
             try:
                 views.append(self.view(traj))
             except AlignmentError as exc:
-                raise UnalignableTrajectory(f"{traj.trajectory_id}: cannot be aligned with the teacher's "
-                                            f"tokenizer: {exc}") from exc
+                raise _unalignable(traj, exc) from exc
         scored = self.inner.score_ids([v.prompt_ids for v in views], [v.completion_ids for v in views], 0)
         out = []
         for traj, view, s in zip(batch, views, scored, strict=True):
@@ -134,6 +129,10 @@ class CrossTokenizerTeacher:
         except AlignmentError:
             return len(traj.prompt_token_ids) + len(traj.completion_token_ids)
         return len(view.prompt_ids) + len(view.completion_ids)
+
+
+def _unalignable(traj: Trajectory, exc: AlignmentError) -> UnalignableTrajectory:
+    return UnalignableTrajectory(f"{traj.trajectory_id}: cannot be aligned with the teacher's tokenizer: {exc}")
 
 
 def _offsets(view: TeacherView, n_tokens: int) -> list[int]:
