@@ -48,7 +48,7 @@ from message_bus.topics import ensure_topics  # noqa: E402
 from nightly_train.layout import interval_key  # noqa: E402
 from schemas.trajectory import DEAD_LETTER_TOPIC, DEFAULT_TOPIC  # noqa: E402
 from shadow_distill import demo_traffic, stack  # noqa: E402
-from shadow_distill.demo import Progress, run_airflow_dag, wait_until  # noqa: E402
+from shadow_distill.demo import Progress, run_airflow_dag, serving_adapter, wait_until  # noqa: E402
 from shadow_distill.models_setup import resolve_models  # noqa: E402
 from shadow_distill.nightly_file import write_nightly_config  # noqa: E402
 
@@ -122,13 +122,6 @@ def send_traffic(serving: str, texts: list[str], *, max_tokens: int, concurrency
 def admin(serving: str, path: str, body: dict) -> httpx.Response:
     return httpx.post(f"{serving}/v1/{path}", json=body, timeout=120,
                       headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-
-
-def serving_adapter(serving: str) -> str | None:
-    try:
-        return httpx.get(f"{serving}/health", timeout=5).json().get("adapter_version")
-    except (httpx.HTTPError, ValueError):
-        return None
 
 
 class Meter:

@@ -189,8 +189,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             p.step(f"reviewer {cfg.reviewer!r} approves candidate version {candidate.version}")
             registry.approve(candidate.version, cfg.reviewer)
             summary["promoted_version"] = candidate.version
-            wait_until(lambda: _serving_adapter(serving) == candidate.version, "serving to hot-load the champion", 300, p)
-        summary["serving_adapter_version"] = _serving_adapter(serving)
+            wait_until(lambda: serving_adapter(serving) == candidate.version, "serving to hot-load the champion", 300, p)
+        summary["serving_adapter_version"] = serving_adapter(serving)
         summary["greedy_after"] = traffic.greedy_answer(serving, api_key, model, traffic.GREEDY_PROMPT, cfg.max_tokens)
 
         p.step("held-out traffic after promotion (same prompts, fresh samples)")
@@ -214,7 +214,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     return summary
 
 
-def _serving_adapter(serving: str) -> str | None:
+def serving_adapter(serving: str) -> str | None:
     try:
         return httpx.get(f"{serving}/health", timeout=5).json().get("adapter_version")
     except (httpx.HTTPError, ValueError):
